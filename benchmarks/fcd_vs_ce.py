@@ -1,0 +1,70 @@
+"""What FCD adds: the default run, and the same run with the FCD term off (cross-entropy only), back to back.
+
+    python benchmarks/fcd_vs_ce.py                       # default budget (120 steps), 2 ranks
+    python benchmarks/fcd_vs_ce.py --num_gpus 1 -- --bf16 --max_steps 1000
+
+Each variant is the real launcher (``deepspeed --num_gpus N launchers/distill_gpt.py``) with identical
+flags except ``--fcd_weight 0``; the table of metrics.json values and wall times is appended to
+benchmarks/RESULTS.md with the command that produced it. Measures, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"FCD + CE (default)": [], "CE only (--fcd_weight 0)": ["--fcd_weight", "0"]}
+
+
+def run(variant_args: list[str], extra: list[str], out: Path, num_gpus: int) -> tuple[dict, float]:
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "launchers/distill_gpt.py", "--output_dir", str(out),
+           "--overwrite_output_dir", *extra, *variant_args]
+    print("+", shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU: processes)")
+    parser.add_argument("--out", default="outputs/bench_fcd_vs_ce", help="parent folder of the two runs")
+    parser.add_argument("extra", nargs="*", help="flags passed to both runs (after --)")
+    args = parser.parse_args()
+    rows = []
+    for name, variant in VARIANTS.items():
+        metrics, wall = run(variant, args.extra, REPO / args.out / name.split()[0].lower(), args.num_gpus)
+        rows.append((name, metrics, wall))
+    command = "python benchmarks/fcd_vs_ce.py " + shlex.join(sys.argv[1:])
+    lines = [
+        f"\n## FCD vs cross-entropy only — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\nCommand: `{command}` ({platform.machine()}, {args.num_gpus} ranks). Perplexities on the held-out split.\n",
+        "| variant | steps | teacher ppl | student ppl before | student ppl after | train tokens/s | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m, wall in rows:
+        lines.append(
+            f"| {name} | {m['steps']} | {m['teacher_eval_perplexity']:.2f} | {m['student_eval_perplexity_initial']:.0f} | "
+            f"{m['student_eval_perplexity']:.2f} | {m['train_tokens_per_second']:.1f} | {wall:.0f} |"
+        )
+    (_, m_fcd, w_fcd), (_, m_ce, w_ce) = rows
+    lines.append(
+        f"\nRatios (FCD / CE only): student ppl after {m_fcd['student_eval_perplexity'] / m_ce['student_eval_perplexity']:.3f}, "
+        f"train tokens/s {m_fcd['train_tokens_per_second'] / m_ce['train_tokens_per_second']:.3f}, wall time {w_fcd / w_ce:.3f}.\n"
+    )
+    text = "\n".join(lines)
+    print(text)
+    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Build the student and teacher DeepSpeed engines.
+
+* student: trains under the user's DeepSpeed JSON (ZeRO 0-3, optimizer, scheduler, clipping,
+  accumulation, precision all from it); activation checkpointing from ``--gradient_checkpointing`` or
+  the JSON's ``activation_checkpointing`` section.
+* teacher: its own optimizer-less engine from :func:`~fcd_ds.ds_config.teacher_ds_config`: ZeRO-3
+  sharded over the ranks when the student runs stage 3 (built already partitioned through
+  ``HfDeepSpeedConfig``, so no rank ever holds it whole), stage 0 otherwise; ``eval()``, no gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .ds_config import bf16_enabled, teacher_ds_config, zero_stage
+from .models import load_causal_lm, load_config, prune_teacher
+
+__all__ = ["model_dtype", "build_student_engine", "build_teacher_engine", "local_param_numel", "gather_param_shares"]
+
+
+def model_dtype(ds_cfg: dict) -> torch.dtype:
+    """bf16 when the JSON enables it, else float32 (fp16 is refused on CPU; use bf16 on GPUs)."""
+    return torch.bfloat16 if bf16_enabled(ds_cfg) else torch.float32
+
+
+def _enable_activation_checkpointing(model, ds_cfg: dict) -> None:
+    import deepspeed
+
+    if "activation_checkpointing" in ds_cfg:
+        # DeepSpeed's own checkpoint function, configured by the JSON section (partitioning, CPU offload).
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_cfg)
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
+        model.enable_input_require_grads()
+    else:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def build_student_engine(model_args, teacher_path: str, teacher_config, ds_cfg: dict):
+    """Student model (pretrained, fresh from a config, or depth-pruned teacher) wrapped by ``deepspeed.initialize``.
+
+    Args:
+        model_args: :class:`~fcd_ds.config.ModelArguments` with exactly one student source set.
+        teacher_path: teacher folder (for pruning). teacher_config: its config. ds_cfg: resolved JSON.
+
+    Returns:
+        The student ``DeepSpeedEngine`` (optimizer and LR scheduler inside).
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = model_dtype(ds_cfg)
+    hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 and model_args.student_num_layers is None else None
+    if model_args.student is not None:
+        model = load_causal_lm(model_args.student, dtype, "--student")
+    elif model_args.student_config is not None:
+        cfg = load_config(model_args.student_config, "--student_config")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:  # pruned: built whole on CPU (smaller than the teacher), partitioned by deepspeed.initialize
+        model = prune_teacher(teacher_path, teacher_config, model_args.student_num_layers, dtype)
+    del hf_ds  # later models are built whole unless they ask for ZeRO-3 themselves
+    model.config.use_cache = False
+    if model_args.gradient_checkpointing or "activation_checkpointing" in ds_cfg:
+        _enable_activation_checkpointing(model, ds_cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg)
+    return engine
+
+
+def build_teacher_engine(teacher_path: str, student_ds_cfg: dict):
+    """Frozen teacher engine (see module docstring). Returns the ``DeepSpeedEngine`` in eval mode."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cfg = teacher_ds_config(student_ds_cfg)
+    hf_ds = HfDeepSpeedConfig(cfg) if zero_stage(cfg) == 3 else None  # from_pretrained builds it partitioned
+    model = load_causal_lm(teacher_path, model_dtype(student_ds_cfg), "--teacher")
+    del hf_ds
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    model.eval()
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
+
+def local_param_numel(module) -> tuple[int, int]:
+    """``(local, total)`` parameter elements: ``local`` is what this rank holds (its ZeRO-3 shard,
+    ``ds_tensor``, for partitioned parameters), ``total`` the full model's count."""
+    local = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
+def gather_param_shares(module) -> list[int]:
+    """Every rank's :func:`local_param_numel` ``local`` count (collective)."""
+    local, _ = local_param_numel(module)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, local)
+    return counts

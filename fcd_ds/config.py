@@ -1,0 +1,145 @@
+"""Typed run configuration: one dataclass per concern, parsed from the command line by transformers'
+``HfArgumentParser`` (flag names follow ``run_clm.py`` where one exists). Range checks run in
+``__post_init__`` and raise :class:`~fcd_ds.errors.UsageError` naming the flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .losses import SEQUENCE_RELATIONS
+
+__all__ = ["ModelArguments", "DataArguments", "DistillArguments", "TrainArguments", "parse_args", "DEFAULT_DS_CONFIG"]
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "zero2.json"
+
+
+def _positive(flag: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UsageError(f"--{flag}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class ModelArguments:
+    """Teacher and student."""
+
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "Teacher causal LM: folder or hub name. Default: SmolLM2-135M prepared by `python -m fcd_ds.assets`."},
+    )
+    student: str | None = field(default=None, metadata={"help": "Pretrained student folder or hub name (same tokenizer as the teacher)."})
+    student_config: str | None = field(default=None, metadata={"help": "Config (folder or config.json) of a freshly initialised student."})
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Depth-prune the teacher to K evenly spaced blocks. Default when no student is given: a third of the teacher's blocks."},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the student's blocks."})
+
+    def __post_init__(self):
+        given = [f for f in ("student", "student_config", "student_num_layers") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise UsageError(f"--{given[0]} and --{given[1]} both choose the student; pass only one")
+        _positive("student_num_layers", self.student_num_layers)
+
+
+@dataclass
+class DataArguments:
+    """Text corpus; loaded with ``datasets.load_dataset('text')`` and cut into blocks of max_seq_length tokens."""
+
+    train_file: str | None = field(default=None, metadata={"help": "Training text file (.txt). Default: the prepared BBC News corpus."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out text file. Default: a validation_split_percentage slice of the train file."})
+    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of train blocks held out when no validation_file is given."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per training block (<= the models' positions)."})
+    max_eval_samples: int = field(default=64, metadata={"help": "Blocks of the held-out split used for perplexity (0 = all)."})
+
+    def __post_init__(self):
+        _positive("max_seq_length", self.max_seq_length)
+        _positive("max_eval_samples", self.max_eval_samples, allow_zero=True)
+        if not 0 < self.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage: must be in 1..99, got {self.validation_split_percentage}")
+        if self.max_seq_length < 3:
+            raise UsageError("--max_seq_length: must be >= 3 (the token relation needs 3 tokens)")
+
+
+@dataclass
+class DistillArguments:
+    """Loss terms. Total = ce_weight * CE + fcd_weight * FCD + kd_weight * KD; a weight of 0 switches its term off."""
+
+    layer_map: str = field(default="uniform", metadata={"help": "'uniform', 'last' or 'student:teacher[@weight],...' (0-based blocks)."})
+    fcd_weight: float = field(default=1.0, metadata={"help": "Weight of the FCD term (weighted mean over layer pairs)."})
+    fcd_alpha: float = field(default=1.0, metadata={"help": "Weight of FCD's token-level relation term."})
+    fcd_beta: float = field(default=1.0, metadata={"help": "Weight of FCD's sequence-level relation term."})
+    fcd_sequence_relation: str = field(default="position", metadata={"help": f"Sequence relation: one of {SEQUENCE_RELATIONS}."})
+    fcd_global_batch: bool = field(default=True, metadata={"help": "All-gather features over data-parallel ranks for the sequence relation."})
+    fcd_chunk_size: int = field(default=1024, metadata={"help": "Rows of the N x N token relation computed at once (memory bound)."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the next-token cross-entropy on the data."})
+    kd_weight: float = field(default=0.0, metadata={"help": "Weight of logit KD (KL at temperature); needs the teacher's LM head."})
+    kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of logit KD."})
+
+    def __post_init__(self):
+        for name in ("fcd_weight", "fcd_alpha", "fcd_beta", "ce_weight", "kd_weight"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("kd_temperature", self.kd_temperature)
+        _positive("fcd_chunk_size", self.fcd_chunk_size)
+        if self.fcd_sequence_relation not in SEQUENCE_RELATIONS:
+            raise UsageError(f"--fcd_sequence_relation: must be one of {SEQUENCE_RELATIONS}, got {self.fcd_sequence_relation!r}")
+        if self.fcd_weight and not (self.fcd_alpha or self.fcd_beta):
+            raise UsageError("--fcd_alpha and --fcd_beta are both 0; set one > 0, or --fcd_weight 0 to switch FCD off")
+        if not (self.ce_weight or self.fcd_weight or self.kd_weight):
+            raise UsageError("--ce_weight, --fcd_weight and --kd_weight are all 0; nothing to train")
+
+    @property
+    def uses_fcd(self) -> bool:
+        """Whether the FCD term is on (it needs teacher block features)."""
+        return self.fcd_weight > 0
+
+    @property
+    def uses_kd(self) -> bool:
+        """Whether logit KD is on (it needs the teacher's LM head)."""
+        return self.kd_weight > 0
+
+
+@dataclass
+class TrainArguments:
+    """Schedule, outputs and DeepSpeed. Flags given here override the DeepSpeed JSON; 'auto' values in
+    the JSON are filled from them (as the transformers DeepSpeed integration does)."""
+
+    output_dir: str = field(default="outputs/distill_gpt", metadata={"help": "Where the student, checkpoints, metrics and TensorBoard events go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds a run (removes only fcd_ds's own files)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir/checkpoints."})
+    deepspeed_config: str = field(default=str(DEFAULT_DS_CONFIG), metadata={"help": "DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json, zero3_offload.json)."})
+    bf16: bool = field(default=False, metadata={"help": "Override: enable the JSON's bf16 section (GPUs; slow on CPU)."})
+    max_steps: int = field(default=120, metadata={"help": "Optimizer steps."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate (default: the JSON's, or 5e-4 where it says 'auto')."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (default: the JSON's, or 10% of max_steps)."})
+    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Micro-batch per rank (default: the JSON's, or 4)."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "Micro-batches per optimizer step (default: the JSON's, or 1)."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Eval micro-batch per rank."})
+    seed: int = field(default=42, metadata={"help": "Seed of init, data order and dropout."})
+    logging_steps: int = field(default=1, metadata={"help": "Log to TensorBoard every N steps."})
+    save_steps: int = field(default=0, metadata={"help": "Save a DeepSpeed checkpoint every N steps (0: only at the end)."})
+    peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16 dense)."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+
+    def __post_init__(self):
+        for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "peak_tflops"):
+            _positive(name, getattr(self, name))
+        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("save_steps", self.save_steps, allow_zero=True)
+        if self.resume and self.overwrite_output_dir:
+            raise UsageError("--resume and --overwrite_output_dir contradict each other; pass one")
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse the command line into ``(ModelArguments, DataArguments, DistillArguments, TrainArguments)``.
+
+    Raises:
+        UsageError: a value out of range (from the dataclasses' checks).
+        SystemExit: unknown flag or ``--help`` (argparse's behaviour).
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, TrainArguments))
+    return parser.parse_args_into_dataclasses(args=argv)

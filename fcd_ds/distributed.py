@@ -1,0 +1,104 @@
+"""Small helpers over ``torch.distributed`` (rank queries that work before and without init)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_with_grad"]
+
+
+def rank() -> int:
+    """Global rank: from the process group if initialized, else ``$RANK`` (0 when unset)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """World size: from the process group if initialized, else ``$WORLD_SIZE`` (1 when unset)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0."""
+    return rank() == 0
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the others after it (so they reuse its ``datasets`` cache), as
+    transformers' ``TrainingArguments.main_process_first``. No-op without a process group."""
+    active = dist.is_initialized() and dist.get_world_size() > 1
+    if active and not is_main_process():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and is_main_process():
+            dist.barrier()
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0: (B, ...) -> (world * B, ...). Shapes must match."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    """all_gather in forward; in backward, sum the gathered gradient over ranks and keep the local slice.
+
+    When every rank evaluates the same function of the gathered tensor, the summed gradient is world
+    times the true one, which DeepSpeed's gradient averaging divides back: parameters then receive the
+    exact gradient of the global-batch loss. all_reduce (not reduce_scatter) so that gloo works too.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
+        return all_gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all_gather along dim 0: (B, ...) -> (world * B, ...); identity without a group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _AllGatherGrad.apply(x)
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """all_reduce (sum) in forward and in backward (the semantics of ``torch.distributed.nn.all_reduce``):
+    every rank's copy of the sum sends its gradient back to every summand."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (same shape); identity without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _AllReduceGrad.apply(x)

@@ -1,0 +1,129 @@
+"""DeepSpeed JSON: read as is, fill 'auto' values and CLI overrides on top, derive the teacher's config.
+
+The file's content is passed to ``deepspeed.initialize`` unchanged apart from: 'auto' values (and the
+keys a CLI flag names) filled from :class:`~fcd_ds.config.TrainArguments`, following the 'auto'
+convention of the transformers DeepSpeed integration (``HfTrainerDeepSpeedConfig.trainer_config_process``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = ["load_ds_config", "resolve_ds_config", "teacher_ds_config", "zero_stage", "bf16_enabled"]
+
+DEFAULT_LR = 5e-4
+DEFAULT_MICRO_BATCH = 4
+
+
+def load_ds_config(path: str) -> dict:
+    """Read a DeepSpeed JSON file.
+
+    Raises:
+        UsageError: missing, unreadable, not JSON, not an object, or holding a removed section.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--deepspeed_config: {path} does not exist; pass one of ds_configs/*.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--deepspeed_config: cannot read {path} as JSON ({exc}); fix the file or pass ds_configs/zero2.json") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--deepspeed_config: {path} must hold a JSON object, got {type(cfg).__name__}")
+    if "compression_training" in cfg:
+        raise UsageError(
+            f"--deepspeed_config: {path} has a 'compression_training' section, removed from DeepSpeed in 0.19.7 "
+            "(issue #8489); delete it: fcd_ds does the distillation"
+        )
+    return cfg
+
+
+def _fill(section: dict, key: str, value, override: bool) -> None:
+    if value is not None and (override or section.get(key, "auto") == "auto"):
+        section[key] = value
+
+
+def resolve_ds_config(cfg: dict, args) -> dict:
+    """Copy of ``cfg`` with CLI overrides applied and 'auto' values filled.
+
+    Args:
+        cfg: the JSON as loaded. args: a :class:`~fcd_ds.config.TrainArguments`.
+
+    Returns:
+        A new dict; ``train_batch_size`` is dropped when 'auto' (DeepSpeed derives it from micro-batch x
+        accumulation x data-parallel size).
+
+    Raises:
+        UsageError: an 'auto' value that no flag fills.
+    """
+    out = copy.deepcopy(cfg)
+    _fill(out, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size, True)
+    _fill(out, "train_micro_batch_size_per_gpu", DEFAULT_MICRO_BATCH, False)
+    _fill(out, "gradient_accumulation_steps", args.gradient_accumulation_steps, True)
+    _fill(out, "gradient_accumulation_steps", 1, False)
+    if out.get("train_batch_size") == "auto":
+        del out["train_batch_size"]
+    if args.bf16:
+        out["bf16"] = {**out.get("bf16", {}), "enabled": True}
+    opt = out.get("optimizer", {}).get("params")
+    if opt is not None:
+        _fill(opt, "lr", args.learning_rate, True)
+        _fill(opt, "lr", DEFAULT_LR, False)
+    sched = out.get("scheduler", {}).get("params")
+    if sched is not None:
+        peak = opt["lr"] if opt is not None else (args.learning_rate or DEFAULT_LR)
+        for key in ("warmup_max_lr", "cos_max_lr"):
+            if key in sched:
+                _fill(sched, key, args.learning_rate, True)
+                _fill(sched, key, peak, False)
+        warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)
+        _fill(sched, "warmup_num_steps", args.warmup_steps, True)
+        _fill(sched, "warmup_num_steps", warmup, False)
+        if "total_num_steps" in sched:
+            _fill(sched, "total_num_steps", args.max_steps, True)
+    autos = _find_auto(out)
+    if autos:
+        raise UsageError(f"--deepspeed_config: no flag fills {', '.join(autos)} (value 'auto'); put a number in the JSON")
+    return out
+
+
+def _find_auto(node, prefix="") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def zero_stage(cfg: dict) -> int:
+    """ZeRO stage of a config (0 when the section is absent)."""
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def bf16_enabled(cfg: dict) -> bool:
+    """Whether the config trains in bf16."""
+    return bool(cfg.get("bf16", {}).get("enabled", False))
+
+
+def teacher_ds_config(student_cfg: dict) -> dict:
+    """Config of the frozen, optimizer-less teacher engine.
+
+    ZeRO-3 with the student's stage-3 settings when the student runs stage 3 (the teacher is sharded over
+    the same ranks), stage 0 otherwise; same precision and micro-batch; no optimizer, scheduler or
+    gradient settings. As trl ``prepare_deepspeed`` and DeepSpeed-Chat ``_init_ref``.
+    """
+    zero = student_cfg.get("zero_optimization", {})
+    cfg = {
+        "train_micro_batch_size_per_gpu": student_cfg["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": student_cfg.get("gradient_accumulation_steps", 1),
+        "bf16": {"enabled": bf16_enabled(student_cfg)},
+        "steps_per_print": student_cfg.get("steps_per_print", 10**9),
+    }
+    if zero_stage(student_cfg) == 3:
+        keep = {k: v for k, v in zero.items() if k.startswith("stage3_") and "gather_16bit" not in k}
+        cfg["zero_optimization"] = {"stage": 3, **keep, **({"offload_param": zero["offload_param"]} if "offload_param" in zero else {})}
+    else:
+        cfg["zero_optimization"] = {"stage": 0}
+    return cfg

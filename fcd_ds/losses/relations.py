@@ -1,0 +1,151 @@
+"""Token-level and sequence-level feature relations of FCD (FCD_SPEC steps 1-3).
+
+Both relations are cosine matrices, so a student of width C_s is compared with a teacher of width C_t
+without any projection layer. Sources: Huang, Guo, Wang, "Towards Efficient Pre-Trained Language Model
+via Feature Correlation Distillation", NeurIPS 2023; ``FCDLoss`` in alipay/POA poa/loss/fcd_loss.py
+(no masks, keeps diagonals, chunks the (N, B, B) tensor differently: this module follows FCD_SPEC.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "normalize_tokens",
+    "token_relation",
+    "token_correlation",
+    "sequence_relation",
+    "SEQUENCE_RELATIONS",
+]
+
+SEQUENCE_RELATIONS = ("position", "pooled")
+NORM_EPS = 1e-6
+
+
+def normalize_tokens(h: torch.Tensor) -> torch.Tensor:
+    """``h / max(||h||_2, 1e-6)`` along the last (feature) dimension, in float32. (B, N, C) -> (B, N, C)."""
+    return F.normalize(h.float(), p=2.0, dim=-1, eps=NORM_EPS)
+
+
+def token_relation(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-to-token cosine matrix of every sequence, materialised (reference form, O(B N^2) memory).
+
+    Args:
+        h: (B, N, C) block output features.
+        mask: (B, N) attention mask, nonzero for real tokens.
+
+    Returns:
+        ``(T, valid)``: T (B, N, N) float32 with ``T[b, i, j] = cos(h[b, i], h[b, j])``; valid (B, N, N)
+        bool, true where ``i != j`` and both tokens are real (FCD_SPEC step 2).
+    """
+    hn = normalize_tokens(h)  # (B, N, C)
+    rel = hn @ hn.transpose(1, 2)  # (B, N, N)
+    m = mask.bool()
+    eye = torch.eye(h.shape[1], dtype=torch.bool, device=h.device)
+    valid = m[:, :, None] & m[:, None, :] & ~eye  # (B, N, N)
+    return rel, valid
+
+
+def _masked_offdiag_mean(hn: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hn_i . hn_j`` over valid i != j without forming the matrix. (B, N, C) -> (B,).
+
+    sum_{i != j} hn_i . hn_j = ||sum_i hn_i||^2 - sum_i ||hn_i||^2 (sums over valid tokens); float64 sums.
+    """
+    hv = hn.double() * m[..., None]  # (B, N, C)
+    total = hv.sum(1).pow(2).sum(-1) - hv.pow(2).sum((1, 2))  # (B,)
+    n = m.double().sum(1)
+    return (total / (n * (n - 1)).clamp(min=1.0)).float()
+
+
+def _chunk_moments(hs, ht, m, mu_s, mu_t, start: int, stop: int):
+    """Centered second moments of rows ``start:stop`` of both token relations. Returns three (B,) tensors."""
+    rs = hs[:, start:stop] @ hs.transpose(1, 2)  # (B, R, N)
+    rt = ht[:, start:stop] @ ht.transpose(1, 2)  # (B, R, N)
+    rows = torch.arange(start, stop, device=hs.device)[:, None]
+    cols = torch.arange(hs.shape[1], device=hs.device)[None, :]
+    valid = (m[:, start:stop, None] & m[:, None, :] & (rows != cols)).float()  # (B, R, N)
+    xs = (rs - mu_s[:, None, None]) * valid
+    xt = (rt - mu_t[:, None, None]) * valid
+    return (xs * xt).sum((1, 2)), (xs * xs).sum((1, 2)), (xt * xt).sum((1, 2))
+
+
+def token_correlation(
+    h_s: torch.Tensor,
+    h_t: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence Pearson correlation of student and teacher token relations, without storing N x N.
+
+    Equal (to float rounding) to ``pearson_correlation(T_s, T_t, valid)`` with the matrices of
+    :func:`token_relation` flattened per sequence, but the means come in closed form and the centered
+    moments are summed over blocks of ``chunk_size`` rows; with autograd on, each block is
+    recomputed in backward (activation checkpointing), so memory is O(B * chunk_size * N) instead of
+    O(B * N^2) per model (FCD_SPEC "Cost": N = 4096, B = 8 would need 512 MiB per matrix).
+
+    Args:
+        h_s: (B, N, C_s) student features. h_t: (B, N, C_t) teacher features (no gradient needed).
+        mask: (B, N) attention mask.
+        chunk_size: rows per block; ``None`` or >= N computes all rows at once.
+        eps: added to the correlation's denominator.
+
+    Returns:
+        ``(rho, counts)``: rho (B,) float32; counts (B,) bool, true for sequences with >= 3 real tokens
+        (FCD_SPEC: fewer than 2 distinct pairs contribute nothing).
+    """
+    m = mask.bool()
+    hs, ht = normalize_tokens(h_s), normalize_tokens(h_t)  # (B, N, C_s), (B, N, C_t)
+    mu_s, mu_t = _masked_offdiag_mean(hs, m), _masked_offdiag_mean(ht, m)  # (B,)
+    n = hs.shape[1]
+    step = n if chunk_size is None or chunk_size >= n else chunk_size
+    cov = var_s = var_t = 0.0
+    for start in range(0, n, step):
+        args = (hs, ht, m, mu_s, mu_t, start, min(start + step, n))
+        if step < n and torch.is_grad_enabled() and hs.requires_grad:
+            c, vs, vt = checkpoint(_chunk_moments, *args, use_reentrant=False)
+        else:
+            c, vs, vt = _chunk_moments(*args)
+        cov, var_s, var_t = cov + c, var_s + vs, var_t + vt
+    rho = cov / (var_s.clamp(min=1e-30).sqrt() * var_t.clamp(min=1e-30).sqrt() + eps)
+    return rho, m.sum(1) >= 3
+
+
+def sequence_relation(
+    h: torch.Tensor, mask: torch.Tensor, kind: str = "position"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample-to-sample cosine relation within the batch, one row per sample (FCD_SPEC step 3).
+
+    Args:
+        h: (B, N, C) block output features.
+        mask: (B, N) attention mask.
+        kind: ``"position"``: row b holds ``cos(h[b, n], h[b', n])`` for every position n and every other
+            sample b', valid where both tokens are real; ``"pooled"``: mean-pool real tokens per sample,
+            row b holds ``cos(p_b, p_b')`` for b' != b (both samples having a real token).
+
+    Returns:
+        ``(R, valid)``: ``position``: R (B, N * B) float32 and valid (B, N * B) bool;
+        ``pooled``: R (B, B) and valid (B, B).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    m = mask.bool()
+    b = h.shape[0]
+    not_self = ~torch.eye(b, dtype=torch.bool, device=h.device)  # (B, B)
+    if kind == "position":
+        hn = normalize_tokens(h)  # (B, N, C)
+        rel = torch.einsum("bnc,dnc->bnd", hn, hn)  # (B, N, B): rel[b, n, d] = cos(h[b, n], h[d, n])
+        valid = m[:, :, None] & m.t()[None, :, :] & not_self[:, None, :]  # (B, N, B)
+        return rel.reshape(b, -1), valid.reshape(b, -1)  # (B, N * B)
+    if kind == "pooled":
+        w = m.float()[..., None]  # (B, N, 1)
+        pooled = (h.float() * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, C)
+        pn = F.normalize(pooled, dim=-1, eps=NORM_EPS)
+        has_token = m.any(1)
+        valid = has_token[:, None] & has_token[None, :] & not_self  # (B, B)
+        return pn @ pn.t(), valid
+    raise ValueError(f"sequence_relation: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")

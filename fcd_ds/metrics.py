@@ -1,0 +1,72 @@
+"""Metric logging (TensorBoard on rank 0) and the FLOP count behind TFLOP/s and MFU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .distributed import is_main_process
+
+__all__ = ["MetricLogger", "decoder_flops_per_token"]
+
+
+class MetricLogger:
+    """``log_dict(step, payload)`` writes scalars on rank 0 (other ranks do nothing) to TensorBoard
+    (``log_dir``) and, when ``jsonl_path`` is given, as one JSON line per call (appended, so a resumed
+    run continues the file). As torchtune's ``TensorBoardLogger`` and ``JSONLLogger``.
+    """
+
+    def __init__(self, log_dir: str | Path, jsonl_path: str | Path | None = None):
+        self._writer = self._jsonl = None
+        if is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+            if jsonl_path is not None:
+                self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+
+    def log_dict(self, step: int, payload: dict[str, float]) -> None:
+        """Write every ``name: value`` of ``payload`` at ``step``."""
+        if self._writer is not None:
+            for name, value in payload.items():
+                self._writer.add_scalar(name, value, step)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **payload}) + "\n")
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def decoder_flops_per_token(config, seq_len: int, *, lm_head: bool = True, backward: bool = False) -> float:
+    """Matmul FLOPs per token of one forward (x3 with ``backward``) of a decoder-only transformer.
+
+    Per block: 2 * (attention and MLP weight elements) + 2 * 2 * seq_len * hidden for the score and value
+    matmuls (PaLM, Chowdhery et al. 2022, appendix B; the 6N + 12 L H Q T count of nanoGPT's
+    ``estimate_mfu``); plus 2 * vocab * hidden for the LM head. Embedding lookups, norms and softmax are
+    not counted. The weight count comes from the config (hidden_size, intermediate_size, heads, KV heads;
+    GPT-2 style 4x MLP when ``intermediate_size`` is absent; gated MLP for ``hidden_act`` silu).
+
+    Args:
+        config: a transformers decoder config. seq_len: tokens per sequence.
+
+    Returns:
+        FLOPs per token (float).
+    """
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    attn_weights = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o + k, v
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    gated = str(getattr(config, "hidden_act", "")).lower() in ("silu", "swiglu", "geglu")
+    mlp_weights = d * inner * (3 if gated else 2)
+    per_block = 2 * (attn_weights + mlp_weights) + 4 * seq_len * heads * head_dim
+    flops = config.num_hidden_layers * per_block + (2 * config.vocab_size * d if lm_head else 0)
+    return float(flops * (3 if backward else 1))

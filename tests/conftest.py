@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny BPE tokenizer trained on the frozen Austen corpus, tiny GPT-2 and Llama
+teachers/students saved as Hugging Face folders, small train/validation text files, and a helper that
+runs the launcher under ``deepspeed --num_gpus 2`` (real 2-rank gloo runs on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "austen_5novels.txt"
+LAUNCHER = REPO / "launchers" / "distill_gpt.py"
+
+
+def _austen() -> str:
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"frozen corpus {SHARED_DATA} not found (CI has ../shared beside the repo)")
+    return SHARED_DATA.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Small real-English train/validation files cut from the Austen novels (deterministic)."""
+    text = _austen()
+    d = tmp_path_factory.mktemp("corpus")
+    train, valid = d / "train.txt", d / "valid.txt"
+    train.write_text(text[200_000:260_000], encoding="utf-8")
+    valid.write_text(text[400_000:412_000], encoding="utf-8")
+    return {"train": train, "valid": valid, "dir": d}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE tokenizer trained on 300 kB of Austen (keeps tiny models' logits small)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([_austen()[:300_000]], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    d = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(d)
+    return d
+
+
+def tiny_config(kind: str, layers: int, width: int = 64):
+    """Tiny GPT-2 or Llama config (2-4 blocks, width 64) with the tiny tokenizer's 512 tokens."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if kind == "gpt2":
+        return GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=128, vocab_size=512,
+                          bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return LlamaConfig(num_hidden_layers=layers, hidden_size=width, intermediate_size=2 * width, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=128, vocab_size=512, bos_token_id=0,
+                       eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Seeded random tiny teachers (4 blocks) and narrower students (2 blocks, width 32), saved with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for kind in ("gpt2", "llama"):
+        for role, layers, width in (("teacher", 4, 64), ("student", 2, 32)):
+            torch.manual_seed(0 if role == "teacher" else 1)
+            model = AutoModelForCausalLM.from_config(tiny_config(kind, layers, width))
+            path = root / f"{kind}_{role}"
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            out[f"{kind}_{role}"] = path
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launcher(args: list[str], *, ranks: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launchers/distill_gpt.py under ``deepspeed --num_gpus RANKS`` on a free port; returns the result."""
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(LAUNCHER), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_plain(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the launcher as a plain single process (bad-input checks happen before DeepSpeed starts)."""
+    return subprocess.run([sys.executable, str(LAUNCHER), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def read_train_log(output_dir: Path) -> list[dict]:
+    """The run's train_log.jsonl rows that hold a training loss."""
+    rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss/total" in r]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"

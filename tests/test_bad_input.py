@@ -1,0 +1,102 @@
+"""Bad input stops before any work: exit 2, one line naming the flag and the fix, output dir untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import LAUNCHER, run_plain
+
+spec = importlib.util.spec_from_file_location("distill_gpt", LAUNCHER)
+distill_gpt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(distill_gpt)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def base_args(tiny_models, corpus, tmp_path):
+    return ["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", "2", "--train_file", corpus["train"],
+            "--validation_file", corpus["valid"], "--max_seq_length", "32", "--output_dir", tmp_path / "out"]
+
+
+def run_main(args, capsys) -> tuple[int, list[str]]:
+    code = distill_gpt.main([str(a) for a in args])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return code, err
+
+
+def _different_tokenizer_student(tiny_models, tmp_path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["completely other text for another vocabulary"] * 20, trainers.BpeTrainer(vocab_size=280, show_progress=False))
+    path = tmp_path / "other_student"
+    AutoModelForCausalLM.from_pretrained(tiny_models["gpt2_student"]).save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+CASES = {
+    "layer index": (["--layer_map", "0:9"], "--layer_map: teacher block 9 does not exist"),
+    "missing train file": (["--train_file", "/nonexistent/train.txt"], "--train_file: /nonexistent/train.txt does not exist"),
+    "sequence too long": (["--max_seq_length", "256"], "--max_seq_length: 256 exceeds the teacher's 128 positions"),
+    "negative weight": (["--fcd_weight", "-1"], "--fcd_weight: must be >= 0"),
+    "two student sources": (["--student_config", "x.json"], "--student_config and --student_num_layers both choose"),
+    "resume without checkpoint": (["--resume"], "--resume: no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_flag(case, base_args, capsys, tmp_path):
+    extra, message = CASES[case]
+    code, err = run_main(base_args + extra, capsys)  # base_args already has --student_num_layers
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_deepspeed_json(base_args, capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+    code, err = run_main(base_args + ["--deepspeed_config", bad], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --deepspeed_config: cannot read {bad} as JSON")
+
+
+def test_student_with_a_different_tokenizer(base_args, capsys, tiny_models, tmp_path):
+    student = _different_tokenizer_student(tiny_models, tmp_path)
+    args = [a for a in base_args if a not in ("--student_num_layers", "2")] + ["--student", student]
+    code, err = run_main(args, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --student: its tokenizer differs from the teacher's")
+
+
+def test_output_dir_with_another_runs_checkpoints_is_left_alone(base_args, capsys, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "global_step7").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("global_step7")
+    (out / "checkpoints" / "global_step7" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    (out / "metrics.json").write_text(json.dumps({"steps": 7}))
+    (out / "my_notes.txt").write_text("mine")
+    before = snapshot(out)
+    code, err = run_main(base_args, capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: --output_dir:") and "--resume" in err[0] and "--overwrite_output_dir" in err[0]
+    assert snapshot(out) == before
+    code, err = run_main(base_args + ["--resume", "--overwrite_output_dir"], capsys)
+    assert code == 2 and "contradict" in err[0] and snapshot(out) == before
+
+
+def test_exit_code_and_single_line_from_a_real_process(base_args):
+    result = run_plain(base_args + ["--layer_map", "7:0"])
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --layer_map: student block 7 does not exist (the student has 2 blocks, 0-1)"]

@@ -1,0 +1,59 @@
+"""FCD_SPEC: the loss is the same whether the batch is split over data-parallel ranks or not, when the
+global-batch option all-gathers features; and the averaged parameter gradient is the full-batch one.
+Two real gloo ranks (torch.multiprocessing), no DeepSpeed needed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import free_port
+from fcd_ds.losses import fcd_loss
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    x_s = torch.randn(6, 10, 8, generator=g, dtype=torch.float64)  # (global B, N, C_in)
+    h_t = torch.randn(6, 10, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 8, generator=g, dtype=torch.float64)  # a shared "student parameter"
+    mask = (torch.arange(10)[None, :] < torch.tensor([10, 7, 9, 10, 4, 8])[:, None]).long()
+    return x_s, h_t, w, mask
+
+
+def _full(kind):
+    x_s, h_t, w, mask = _inputs()
+    w = w.clone().requires_grad_(True)
+    loss = fcd_loss(x_s @ w, h_t, mask, sequence_relation=kind)
+    loss.backward()
+    return loss.item(), w.grad
+
+
+def _worker(rank, port, kind, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    x_s, h_t, w, mask = _inputs()
+    part = slice(3 * rank, 3 * rank + 3)
+    w = w.clone().requires_grad_(True)
+    loss = fcd_loss(x_s[part] @ w, h_t[part], mask[part], sequence_relation=kind, global_batch=True)
+    loss.backward()
+    dist.all_reduce(w.grad)
+    w.grad /= 2  # DeepSpeed's data-parallel gradient averaging
+    out[rank] = (loss.item(), w.grad.clone())
+    dist.destroy_process_group()
+
+
+def _split(kind):
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(free_port(), kind, out), nprocs=2, join=True)
+        return dict(out)
+
+
+def test_global_batch_loss_and_gradient_match_one_process():
+    for kind in ("position", "pooled"):
+        full_loss, full_grad = _full(kind)
+        results = _split(kind)
+        for rank in (0, 1):
+            loss, grad = results[rank]
+            assert abs(loss - full_loss) < 1e-5, (kind, rank, loss, full_loss)
+            assert torch.allclose(grad, full_grad, atol=1e-5), kind
