@@ -28,9 +28,13 @@ def _enable_activation_checkpointing(model, ds_cfg: dict) -> None:
     import deepspeed
 
     if "activation_checkpointing" in ds_cfg:
-        # DeepSpeed's own checkpoint function, configured by the JSON section (partitioning, CPU offload).
+        # DeepSpeed's own checkpointing, configured by the JSON section. Its non-reentrant form: the
+        # reentrant one runs blocks under no_grad, so the features our forward hooks capture inside a
+        # block would carry no gradient and FCD would silently not train the student.
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_cfg)
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
+        model._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=deepspeed.checkpointing.non_reentrant_checkpoint
+        )
         model.enable_input_require_grads()
     else:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -164,15 +164,13 @@ class DistillEngine:
         engine = self.student if which == "student" else self.teacher
         was_training = engine.module.training
         engine.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.student.device)  # (loss sum, target count)
         for batch in batches:
             batch = self._to_device(batch)
             ids, mask = batch["input_ids"], batch["attention_mask"]
             logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss_sum += causal_lm_loss(logits, ids, mask, reduction="sum").double().cpu()
-            count += mask[:, 1:].sum().double().cpu()
-        totals = torch.stack([loss_sum, count])
+            totals[0] += causal_lm_loss(logits, ids, mask, reduction="sum").double()
+            totals[1] += mask[:, 1:].sum().double()
         if dist.is_initialized():
             dist.all_reduce(totals)
         if was_training:

@@ -72,7 +72,33 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
         return 2
 
-    # 3. Output directory: only now, with every input checked, is anything written.
+    # 3. Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is.
+    student = build_student_engine(model_args, plan.teacher, plan.teacher_config, plan.ds_config)
+    teacher = build_teacher_engine(plan.teacher, plan.ds_config)
+    distiller = DistillEngine(student, teacher, plan.pairs, distill_args)
+    teacher_shares = gather_param_shares(teacher.module)
+
+    # 4. Resume (same data layout only: the saved data position counts this layout's micro-batches),
+    #    or measure the starting point.
+    layout = {"micro_batch_size": micro_bs, "world_size": world, "max_seq_length": data_args.max_seq_length,
+              "seed": train_args.seed}
+    if train_args.resume:
+        state = load_checkpoint(student, out, keys=("step", "data_position", "train_seconds", "train_tokens", "metrics", "data_layout"))
+        changed = {k: (state["data_layout"][k], v) for k, v in layout.items() if state["data_layout"][k] != v}
+        if changed:
+            if rank == 0:
+                print(f"error: --resume: the checkpoint was written with {changed} (saved, now); resume with the same "
+                      "values, or start a new run in another --output_dir", file=sys.stderr)
+            dist.destroy_process_group()
+            return 2
+        micro_batches.position = state["data_position"]
+    else:
+        state = {"step": 0, "data_position": 0, "train_seconds": 0.0, "train_tokens": 0.0, "data_layout": layout,
+                 "metrics": {"teacher_eval_loss": distiller.evaluate("teacher", eval_set),
+                             "student_eval_loss_initial": distiller.evaluate("student", eval_set)}}
+    metrics = state["metrics"]
+
+    # 5. Output directory: only now, with every input and the checkpoint checked, is anything written.
     if rank == 0:
         if train_args.overwrite_output_dir:
             clear_run_files(out)
@@ -83,27 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
     dist.barrier()
 
-    # 4. Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is.
-    student = build_student_engine(model_args, plan.teacher, plan.teacher_config, plan.ds_config)
-    teacher = build_teacher_engine(plan.teacher, plan.ds_config)
-    distiller = DistillEngine(student, teacher, plan.pairs, distill_args)
-    teacher_shares = gather_param_shares(teacher.module)
-
-    # 5. Resume, or measure the starting point.
-    if train_args.resume:
-        state = load_checkpoint(student, out, keys=("step", "data_position", "train_seconds", "train_tokens", "metrics"))
-        micro_batches.position = state["data_position"]
-    else:
-        state = {"step": 0, "data_position": 0, "train_seconds": 0.0, "train_tokens": 0.0, "metrics": {
-            "teacher_eval_loss": distiller.evaluate("teacher", eval_set),
-            "student_eval_loss_initial": distiller.evaluate("student", eval_set),
-        }}
-    metrics = state["metrics"]
-
     # 6. Train.
     seq = data_args.max_seq_length
     flops_per_token = decoder_flops_per_token(plan.student_config, seq, backward=True) * (
-        4 / 3 if model_args.gradient_checkpointing else 1
+        4 / 3 if model_args.gradient_checkpointing or "activation_checkpointing" in plan.ds_config else 1
     ) + (decoder_flops_per_token(plan.teacher_config, seq, lm_head=distill_args.uses_kd) if distiller.needs_teacher else 0)
     logger = MetricLogger(out / "runs", out / "train_log.jsonl")
     bar = tqdm(total=train_args.max_steps, initial=state["step"], desc="distill", disable=rank != 0, dynamic_ncols=True)

@@ -4,6 +4,7 @@ runs the launcher under ``deepspeed --num_gpus 2`` (real 2-rank gloo runs on CPU
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -109,3 +110,10 @@ def read_train_log(output_dir: Path) -> list[dict]:
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory`` (to prove a failed run wrote nothing)."""
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}

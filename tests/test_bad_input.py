@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import LAUNCHER, run_plain
+from conftest import LAUNCHER, run_plain, snapshot
 
 spec = importlib.util.spec_from_file_location("distill_gpt", LAUNCHER)
 distill_gpt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(distill_gpt)
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    if not directory.exists():
-        return {}
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_ok, read_train_log, run_launcher
+from conftest import assert_ok, read_train_log, run_launcher, snapshot
 from fcd_ds.config import DS_CONFIG_DIR
 
 EVAL = 16  # held-out blocks (4 per rank per batch x 2 ranks x 2 batches)
@@ -42,25 +42,43 @@ def reloaded_eval_loss(student_dir: Path, corpus) -> float:
     return total.item() / mask[:, 1:].sum().item()
 
 
+def zero3_json(directory: Path, **extra) -> Path:
+    """zero3.json with parameter persistence off, so even tiny parameters are partitioned."""
+    cfg = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    cfg.update(extra)
+    path = directory / "zero3_tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def assert_teacher_sharded(metrics: dict, teacher_dir: Path) -> None:
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
+    shares = metrics["teacher_param_shard_numel_per_rank"]
+    assert len(shares) == 2 and sum(shares) >= total
+    assert all(s <= 0.52 * total for s in shares), (shares, total)  # each rank holds about half
+
+
 @pytest.fixture(scope="module")
-def gpt2_zero2_run(tiny_models, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpt2_zero2") / "run"
+def gpt2_zero3_run(tiny_models, corpus, tmp_path_factory):
+    """Depth-pruned GPT-2 student (tied embeddings), ZeRO-3 student and teacher, logit KD on."""
+    root = tmp_path_factory.mktemp("gpt2_zero3")
+    out = root / "run"
     result = run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 4,
-                           "--save_steps", 2, "--kd_weight", 0.5, "--deepspeed_config", DS_CONFIG_DIR / "zero2.json",
+                           "--save_steps", 2, "--kd_weight", 0.5, "--deepspeed_config", zero3_json(root),
                            *common(corpus, out)])
     assert_ok(result)
     return out
 
 
-def test_zero2_run_learns_and_writes_every_artifact(gpt2_zero2_run, corpus):
-    out = gpt2_zero2_run
+def test_zero3_run_learns_shards_the_teacher_and_writes_every_artifact(gpt2_zero3_run, tiny_models, corpus):
+    out = gpt2_zero3_run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["world_size"] == 2 and metrics["zero_stage"] == 2
+    assert metrics["steps"] == 4 and metrics["world_size"] == 2 and metrics["zero_stage"] == 3
     assert metrics["student_eval_perplexity"] < metrics["student_eval_perplexity_initial"]
     assert metrics["student_eval_perplexity"] == pytest.approx(math.exp(metrics["student_eval_loss"]))
     assert metrics["train_tokens"] == 4 * 4 * 32 * 2 and metrics["train_tokens_per_second"] > 0
-    teacher_total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(_teacher_path(out)).parameters())
-    assert metrics["teacher_param_shard_numel_per_rank"] == [teacher_total, teacher_total]  # stage 0: whole on each rank
+    assert_teacher_sharded(metrics, tiny_models["gpt2_teacher"])
     rows = read_train_log(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("train/loss/ce", "train/loss/fcd", "train/fcd/s0_t1/token", "train/fcd/s1_t3/sequence", "train/lr",
@@ -75,60 +93,63 @@ def test_zero2_run_learns_and_writes_every_artifact(gpt2_zero2_run, corpus):
     assert reloaded_eval_loss(out / "student", corpus) == pytest.approx(metrics["student_eval_loss"], abs=1e-4)
 
 
-def _teacher_path(out: Path) -> Path:
-    return Path(json.loads((out / "run_config.json").read_text())["model"]["teacher"])
-
-
-def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero2_run, tiny_models, corpus, tmp_path):
+def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero3_run, tiny_models, corpus, tmp_path):
     resumed = tmp_path / "run"
-    shutil.copytree(gpt2_zero2_run, resumed)
+    shutil.copytree(gpt2_zero3_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "global_step4")
     (resumed / "checkpoints" / "latest").write_text("global_step2")
     result = run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 4,
-                           "--save_steps", 2, "--kd_weight", 0.5, "--resume", *common(corpus, resumed)])
+                           "--save_steps", 2, "--kd_weight", 0.5, "--resume",
+                           "--deepspeed_config", gpt2_zero3_run.parent / "zero3_tiny.json", *common(corpus, resumed)])
     assert_ok(result)
-    original = {r["step"]: r for r in read_train_log(gpt2_zero2_run)}
+    original = {r["step"]: r for r in read_train_log(gpt2_zero3_run)}
     after = read_train_log(resumed)[-2:]
     assert [r["step"] for r in after] == [3, 4]
     for row in after:
         for key in ("train/loss/total", "train/loss/ce", "train/loss/fcd", "train/loss/kd", "train/lr"):
             assert row[key] == pytest.approx(original[row["step"]][key], abs=1e-6), (row["step"], key)
-    m_orig = json.loads((gpt2_zero2_run / "metrics.json").read_text())
+    m_orig = json.loads((gpt2_zero3_run / "metrics.json").read_text())
     m_res = json.loads((resumed / "metrics.json").read_text())
     assert m_res["student_eval_loss"] == pytest.approx(m_orig["student_eval_loss"], abs=1e-6)
     assert m_res["student_eval_loss_initial"] == m_orig["student_eval_loss_initial"]
-
-
-def zero3_json(tmp_path: Path) -> Path:
-    """zero3.json with parameter persistence off, so even tiny parameters are partitioned."""
-    cfg = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_tiny.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    # resuming with another micro-batch size would replay other data: refused, nothing written
+    before = snapshot(resumed)
+    result = run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 6,
+                           "--resume", "--deepspeed_config", gpt2_zero3_run.parent / "zero3_tiny.json",
+                           *common(corpus, resumed), "--per_device_train_batch_size", 2])
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")][0].startswith(
+        "error: --resume: the checkpoint was written with {'micro_batch_size': (4, 2)}")
+    assert snapshot(resumed) == before
 
 
 def test_llama_zero3_teacher_is_sharded_and_matches_zero2(tiny_models, corpus, tmp_path):
-    """Narrower pretrained student (width 32 vs 64: FCD needs no projection), activation checkpointing
-    on, teacher without LM head (KD off); ZeRO-3 shards the teacher over both ranks and gives ZeRO-2's
-    first-step losses."""
+    """Narrower pretrained student (width 32 vs 64: FCD needs no projection), teacher without LM head
+    (KD off). ZeRO-3 with DeepSpeed's activation checkpointing (JSON section) and ZeRO-2 with
+    transformers' (--gradient_checkpointing) give the same first-step losses; ZeRO-3 shards the teacher
+    over both ranks, ZeRO-2 keeps it whole on each."""
     args = ["--teacher", tiny_models["llama_teacher"], "--student", tiny_models["llama_student"], "--max_steps", 2,
-            "--gradient_checkpointing", "--layer_map", "0:1,1:3@2"]
+            "--layer_map", "0:1,1:3@2"]
+    ds_ckpt = {"activation_checkpointing": {"partition_activations": False, "contiguous_memory_optimization": False}}
+    variants = {3: ["--deepspeed_config", zero3_json(tmp_path, **ds_ckpt)],
+                2: ["--deepspeed_config", DS_CONFIG_DIR / "zero2.json", "--gradient_checkpointing"]}
     runs = {}
-    for stage, config in ((3, zero3_json(tmp_path)), (2, DS_CONFIG_DIR / "zero2.json")):
+    for stage, extra in variants.items():
         out = tmp_path / f"zero{stage}"
-        assert_ok(run_launcher([*args, "--deepspeed_config", config, *common(corpus, out)]))
+        assert_ok(run_launcher([*args, *extra, *common(corpus, out)]))
         runs[stage] = out
     metrics = json.loads((runs[3] / "metrics.json").read_text())
+    assert_teacher_sharded(metrics, tiny_models["llama_teacher"])
+    whole = json.loads((runs[2] / "metrics.json").read_text())["teacher_param_shard_numel_per_rank"]
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models["llama_teacher"]).parameters())
-    shares = metrics["teacher_param_shard_numel_per_rank"]
-    assert len(shares) == 2 and sum(shares) >= total
-    assert all(s <= 0.52 * total for s in shares), (shares, total)  # each rank holds about half
-    first = {stage: read_train_log(out)[0] for stage, out in runs.items()}
-    for key in ("train/loss/ce", "train/loss/fcd", "train/fcd/s1_t3/token", "train/fcd/s0_t1/sequence"):
-        assert first[3][key] == pytest.approx(first[2][key], abs=1e-4), key
-    assert "train/loss/kd" not in first[3]
-    assert first[3]["train/loss/fcd"] == pytest.approx(
-        (first[3]["train/fcd/s0_t1/token"] + first[3]["train/fcd/s0_t1/sequence"]
-         + 2 * (first[3]["train/fcd/s1_t3/token"] + first[3]["train/fcd/s1_t3/sequence"])) / 3, rel=1e-5)
+    assert whole == [total, total]
+    logs = {stage: read_train_log(out) for stage, out in runs.items()}
+    for row3, row2 in zip(logs[3], logs[2], strict=True):  # step 2 equal too: same gradients, FCD's included
+        for key in ("train/loss/ce", "train/loss/fcd", "train/fcd/s1_t3/token", "train/fcd/s0_t1/sequence"):
+            assert row3[key] == pytest.approx(row2[key], abs=1e-4), (row3["step"], key)
+    first = logs[3][0]
+    assert "train/loss/kd" not in first
+    assert first["train/loss/fcd"] == pytest.approx(
+        (first["train/fcd/s0_t1/token"] + first["train/fcd/s0_t1/sequence"]
+         + 2 * (first["train/fcd/s1_t3/token"] + first["train/fcd/s1_t3/sequence"])) / 3, rel=1e-5)
     assert reloaded_eval_loss(runs[3] / "student", corpus) == pytest.approx(metrics["student_eval_loss"], abs=1e-4)

@@ -37,8 +37,10 @@ def test_capture_ignores_activation_checkpoint_recompute():
     with capture.recording():
         logits = model(torch.randint(0, 512, (2, 7))).logits
     kept = capture.features[1]
+    assert kept.requires_grad  # the captured feature trains the student through the checkpointed block
     (logits.sum() + kept.sum()).backward()  # recompute re-runs block 1
     assert capture.features[1] is kept
+    assert model.model.layers[1].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def test_kept_blocks_are_evenly_spaced_with_first_and_last():
