@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_tokens": state["train_tokens"],
         "train_seconds": state["train_seconds"],
         "train_tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+        "train_tflops_per_device": flops_per_token * state["train_tokens"] / world / max(state["train_seconds"], 1e-9) / 1e12,
         "world_size": world,
         "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0),
         "teacher_param_shard_numel_per_rank": teacher_shares,
