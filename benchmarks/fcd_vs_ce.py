@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -43,10 +44,10 @@ def main() -> None:
     for name, variant in VARIANTS.items():
         metrics, wall = run(variant, args.extra, REPO / args.out / name.split()[0].lower(), args.num_gpus)
         rows.append((name, metrics, wall))
-    command = "python benchmarks/fcd_vs_ce.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/fcd_vs_ce.py", *sys.argv[1:]])
     lines = [
         f"\n## FCD vs cross-entropy only — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"\nCommand: `{command}` ({platform.machine()}, {args.num_gpus} ranks). Perplexities on the held-out split.\n",
+        f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, {args.num_gpus} ranks). Perplexities on the held-out split.\n",
         "| variant | steps | teacher ppl | student ppl before | student ppl after | train tokens/s | wall time (s) |",
         "|---|---|---|---|---|---|---|",
     ]

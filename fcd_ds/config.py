@@ -113,7 +113,7 @@ class TrainArguments:
     bf16: bool = field(default=False, metadata={"help": "Override: enable the JSON's bf16 section (GPUs; slow on CPU)."})
     max_steps: int = field(default=120, metadata={"help": "Optimizer steps."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate (default: the JSON's, or 5e-4 where it says 'auto')."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (default: the JSON's, or 10% of max_steps)."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (default: the JSON's, or a tenth of max_steps)."})
     per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Micro-batch per rank (default: the JSON's, or 4)."})
     gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "Micro-batches per optimizer step (default: the JSON's, or 1)."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Eval micro-batch per rank."})
@@ -136,10 +136,13 @@ def parse_args(argv: list[str] | None = None):
     """Parse the command line into ``(ModelArguments, DataArguments, DistillArguments, TrainArguments)``.
 
     Raises:
-        UsageError: a value out of range (from the dataclasses' checks).
-        SystemExit: unknown flag or ``--help`` (argparse's behaviour).
+        UsageError: an unknown flag, or a value out of range (from the dataclasses' checks).
+        SystemExit: a value of the wrong type, or ``--help`` (argparse's behaviour).
     """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, TrainArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UsageError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags")
+    return tuple(parsed)

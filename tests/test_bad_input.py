@@ -47,6 +47,7 @@ CASES = {
     "negative weight": (["--fcd_weight", "-1"], "--fcd_weight: must be >= 0"),
     "two student sources": (["--student_config", "x.json"], "--student_config and --student_num_layers both choose"),
     "resume without checkpoint": (["--resume"], "--resume: no checkpoint"),
+    "unknown flag": (["--fcd_wieght", "2"], "unknown argument(s) --fcd_wieght 2; see --help"),
 }
 
 
@@ -93,3 +94,11 @@ def test_exit_code_and_single_line_from_a_real_process(base_args):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --layer_map: student block 7 does not exist (the student has 2 blocks, 0-1)"]
+
+
+def test_help_lists_the_flags():
+    result = run_plain(["--help"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--teacher", "--student_num_layers", "--layer_map", "--fcd_weight", "--kd_temperature", "--deepspeed_config",
+                 "--resume", "--overwrite_output_dir", "--max_seq_length", "--peak_tflops"):
+        assert flag in result.stdout
