@@ -153,3 +153,19 @@ def test_llama_zero3_teacher_is_sharded_and_matches_zero2(tiny_models, corpus, t
         (first["train/fcd/s0_t1/token"] + first["train/fcd/s0_t1/sequence"]
          + 2 * (first["train/fcd/s1_t3/token"] + first["train/fcd/s1_t3/sequence"])) / 3, rel=1e-5)
     assert reloaded_eval_loss(runs[3] / "student", corpus) == pytest.approx(metrics["student_eval_loss"], abs=1e-4)
+
+
+def test_fresh_student_from_a_config_file_at_zero3(tiny_models, corpus, tmp_path):
+    """--student_config: a randomly initialised student built already partitioned (ZeRO-3), 1 step."""
+    config = json.loads((tiny_models["llama_student"] / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    path = tmp_path / "student_config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert_ok(run_launcher(["--teacher", tiny_models["llama_teacher"], "--student_config", path, "--max_steps", 1,
+                            "--deepspeed_config", zero3_json(tmp_path), *common(corpus, out)]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["layer_map"] == "0:0@1,1:2@1,2:3@1"  # uniform, 3 student blocks onto 4
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 32
+    assert reloaded_eval_loss(out / "student", corpus) == pytest.approx(metrics["student_eval_loss"], abs=1e-4)
