@@ -16,12 +16,25 @@ import torch.distributed as dist
 from .ds_config import bf16_enabled, teacher_ds_config, zero_stage
 from .models import load_causal_lm, load_config, prune_teacher
 
-__all__ = ["model_dtype", "build_student_engine", "build_teacher_engine", "local_param_numel", "gather_param_shares"]
+__all__ = [
+    "model_dtype",
+    "uses_activation_checkpointing",
+    "build_student_engine",
+    "build_teacher_engine",
+    "local_param_numel",
+    "gather_param_shares",
+]
 
 
 def model_dtype(ds_cfg: dict) -> torch.dtype:
     """bf16 when the JSON enables it, else float32 (fp16 is refused on CPU; use bf16 on GPUs)."""
     return torch.bfloat16 if bf16_enabled(ds_cfg) else torch.float32
+
+
+def uses_activation_checkpointing(model_args, ds_cfg: dict) -> bool:
+    """Whether the student recomputes its blocks in backward: ``--gradient_checkpointing`` or the JSON's
+    ``activation_checkpointing`` section."""
+    return bool(model_args.gradient_checkpointing) or "activation_checkpointing" in ds_cfg
 
 
 def _enable_activation_checkpointing(model, ds_cfg: dict) -> None:
@@ -66,7 +79,7 @@ def build_student_engine(model_args, teacher_path: str, teacher_config, ds_cfg: 
         model = prune_teacher(teacher_path, teacher_config, model_args.student_num_layers, dtype)
     del hf_ds  # later models are built whole unless they ask for ZeRO-3 themselves
     model.config.use_cache = False
-    if model_args.gradient_checkpointing or "activation_checkpointing" in ds_cfg:
+    if uses_activation_checkpointing(model_args, ds_cfg):
         _enable_activation_checkpointing(model, ds_cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg)
     return engine

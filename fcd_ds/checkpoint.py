@@ -31,6 +31,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "export_student",
+    "check_resume_layout",
 ]
 
 RUN_FILES = ("checkpoints", "student", "runs", "train_log.jsonl", "metrics.json", "run_config.json")
@@ -60,6 +61,21 @@ def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -
         raise UsageError(
             f"--output_dir: {out} already holds a run; pass --resume to continue it, "
             "--overwrite_output_dir to start afresh, or another --output_dir"
+        )
+
+
+def check_resume_layout(saved: dict, now: dict) -> None:
+    """A checkpoint's data position counts micro-batches of one layout (micro-batch size, world size,
+    sequence length, seed); resuming under another would replay or skip data.
+
+    Raises:
+        UsageError: any value of ``now`` differs from ``saved``.
+    """
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise UsageError(
+            f"--resume: the checkpoint was written with {changed} (saved, now); resume with the same values, "
+            "or start a new run in another --output_dir"
         )
 
 

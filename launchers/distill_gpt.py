@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from fcd_ds.build import build_student_engine, build_teacher_engine, gather_param_shares
-    from fcd_ds.checkpoint import clear_run_files, export_student, load_checkpoint, save_checkpoint
+    from fcd_ds.build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
+    from fcd_ds.checkpoint import check_resume_layout, clear_run_files, export_student, load_checkpoint, save_checkpoint
     from fcd_ds.data import MicroBatches, eval_batches, load_blocks
     from fcd_ds.distributed import main_process_first
     from fcd_ds.engine import DistillEngine
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_set = eval_batches(valid_set, train_args.per_device_eval_batch_size, rank, world, data_args.max_eval_samples)
         micro_batches = MicroBatches(train_set, micro_bs, rank, world, train_args.seed)
     except UsageError as exc:
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
+        return _stop(exc)
 
     # 3. Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is.
     student = build_student_engine(model_args, plan.teacher, plan.teacher_config, plan.ds_config)
@@ -84,13 +81,10 @@ def main(argv: list[str] | None = None) -> int:
               "seed": train_args.seed}
     if train_args.resume:
         state = load_checkpoint(student, out, keys=("step", "data_position", "train_seconds", "train_tokens", "metrics", "data_layout"))
-        changed = {k: (state["data_layout"][k], v) for k, v in layout.items() if state["data_layout"][k] != v}
-        if changed:
-            if rank == 0:
-                print(f"error: --resume: the checkpoint was written with {changed} (saved, now); resume with the same "
-                      "values, or start a new run in another --output_dir", file=sys.stderr)
-            dist.destroy_process_group()
-            return 2
+        try:
+            check_resume_layout(state["data_layout"], layout)
+        except UsageError as exc:
+            return _stop(exc)
         micro_batches.position = state["data_position"]
     else:
         state = {"step": 0, "data_position": 0, "train_seconds": 0.0, "train_tokens": 0.0, "data_layout": layout,
@@ -112,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     # 6. Train.
     seq = data_args.max_seq_length
     flops_per_token = decoder_flops_per_token(plan.student_config, seq, backward=True) * (
-        4 / 3 if model_args.gradient_checkpointing or "activation_checkpointing" in plan.ds_config else 1
+        4 / 3 if uses_activation_checkpointing(model_args, plan.ds_config) else 1
     ) + (decoder_flops_per_token(plan.teacher_config, seq, lm_head=distill_args.uses_kd) if distiller.needs_teacher else 0)
+
+    def tflops_per_device(tokens: float, seconds: float) -> float:
+        return flops_per_token * tokens / world / max(seconds, 1e-9) / 1e12
+
     logger = MetricLogger(out / "runs", out / "train_log.jsonl")
     bar = tqdm(total=train_args.max_steps, initial=state["step"], desc="distill", disable=rank != 0, dynamic_ncols=True)
     step = state["step"]
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "perf/tokens_per_second_per_device": tokens / seconds / world,
             "perf/samples_per_second": tokens / seq / seconds,
             "perf/step_seconds": seconds,
-            "perf/tflops_per_device": flops_per_token * tokens / world / seconds / 1e12,
+            "perf/tflops_per_device": tflops_per_device(tokens, seconds),
             "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
         })
         if train_args.peak_tflops:
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_tokens": state["train_tokens"],
         "train_seconds": state["train_seconds"],
         "train_tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
-        "train_tflops_per_device": flops_per_token * state["train_tokens"] / world / max(state["train_seconds"], 1e-9) / 1e12,
+        "train_tflops_per_device": tflops_per_device(state["train_tokens"], state["train_seconds"]),
         "world_size": world,
         "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0),
         "teacher_param_shard_numel_per_rank": teacher_shares,
@@ -173,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _stop(exc: UsageError) -> int:
+    """One-line error on rank 0 for a problem found after the process group started; exit status 2."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(f"error: {exc}", file=sys.stderr)
+    dist.destroy_process_group()
+    return 2
 
 
 if __name__ == "__main__":

@@ -52,21 +52,29 @@ def zero3_json(directory: Path, **extra) -> Path:
     return path
 
 
+def numel(model_dir: Path) -> int:
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
 def assert_teacher_sharded(metrics: dict, teacher_dir: Path) -> None:
-    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
+    total = numel(teacher_dir)
     shares = metrics["teacher_param_shard_numel_per_rank"]
     assert len(shares) == 2 and sum(shares) >= total
     assert all(s <= 0.52 * total for s in shares), (shares, total)  # each rank holds about half
 
 
+def gpt2_args(tiny_models, corpus, out: Path, ds_config: Path) -> list:
+    """Depth-pruned GPT-2 student (tied embeddings), logit KD on, 4 steps with a checkpoint every 2."""
+    return ["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 4, "--save_steps", 2,
+            "--kd_weight", 0.5, "--deepspeed_config", ds_config, *common(corpus, out)]
+
+
 @pytest.fixture(scope="module")
 def gpt2_zero3_run(tiny_models, corpus, tmp_path_factory):
-    """Depth-pruned GPT-2 student (tied embeddings), ZeRO-3 student and teacher, logit KD on."""
+    """:func:`gpt2_args` with ZeRO-3 student and teacher."""
     root = tmp_path_factory.mktemp("gpt2_zero3")
     out = root / "run"
-    result = run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 4,
-                           "--save_steps", 2, "--kd_weight", 0.5, "--deepspeed_config", zero3_json(root),
-                           *common(corpus, out)])
+    result = run_launcher(gpt2_args(tiny_models, corpus, out, zero3_json(root)))
     assert_ok(result)
     return out
 
@@ -98,9 +106,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero3_run, 
     shutil.copytree(gpt2_zero3_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "global_step4")
     (resumed / "checkpoints" / "latest").write_text("global_step2")
-    result = run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 4,
-                           "--save_steps", 2, "--kd_weight", 0.5, "--resume",
-                           "--deepspeed_config", gpt2_zero3_run.parent / "zero3_tiny.json", *common(corpus, resumed)])
+    ds_config = gpt2_zero3_run.parent / "zero3_tiny.json"
+    result = run_launcher([*gpt2_args(tiny_models, corpus, resumed, ds_config), "--resume"])
     assert_ok(result)
     original = {r["step"]: r for r in read_train_log(gpt2_zero3_run)}
     after = read_train_log(resumed)[-2:]
@@ -114,9 +121,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero3_run, 
     assert m_res["student_eval_loss_initial"] == m_orig["student_eval_loss_initial"]
     # resuming with another micro-batch size would replay other data: refused, nothing written
     before = snapshot(resumed)
-    result = run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 6,
-                           "--resume", "--deepspeed_config", gpt2_zero3_run.parent / "zero3_tiny.json",
-                           *common(corpus, resumed), "--per_device_train_batch_size", 2])
+    result = run_launcher([*gpt2_args(tiny_models, corpus, resumed, ds_config), "--resume", "--max_steps", 6,
+                           "--per_device_train_batch_size", 2])
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")][0].startswith(
         "error: --resume: the checkpoint was written with {'micro_batch_size': (4, 2)}")
@@ -141,8 +147,7 @@ def test_llama_zero3_teacher_is_sharded_and_matches_zero2(tiny_models, corpus, t
     metrics = json.loads((runs[3] / "metrics.json").read_text())
     assert_teacher_sharded(metrics, tiny_models["llama_teacher"])
     whole = json.loads((runs[2] / "metrics.json").read_text())["teacher_param_shard_numel_per_rank"]
-    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models["llama_teacher"]).parameters())
-    assert whole == [total, total]
+    assert whole == [numel(tiny_models["llama_teacher"])] * 2
     logs = {stage: read_train_log(out) for stage, out in runs.items()}
     for row3, row2 in zip(logs[3], logs[2], strict=True):  # step 2 equal too: same gradients, FCD's included
         for key in ("train/loss/ce", "train/loss/fcd", "train/fcd/s1_t3/token", "train/fcd/s0_t1/sequence"):
