@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_with_grad"]
+__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_with_grad", "release_deepspeed_shm_buffer"]
 
 
 def rank() -> int:
@@ -28,6 +28,28 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """True on global rank 0."""
     return rank() == 0
+
+
+def release_deepspeed_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU comm op (deepspeed/ops/csrc/cpu/comm/shm.cpp, 0.19.8) creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MiB) at
+    ``init_distributed`` when all ranks are on one machine, and never unlinks it: every run on a new port
+    left 132 MiB per 2 ranks in /dev/shm until the machine ran out of memory (seen here: 20 GiB, then
+    the OOM killer). The mappings stay valid after unlinking, and the memory is freed when the ranks
+    exit, however they exit. Collective (a barrier first, so every rank has opened every buffer);
+    no-op without a process group or the file.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 @contextmanager

@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     from fcd_ds.build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
     from fcd_ds.checkpoint import check_resume_layout, clear_run_files, export_student, load_checkpoint, save_checkpoint
     from fcd_ds.data import MicroBatches, eval_batches, load_blocks
-    from fcd_ds.distributed import main_process_first
+    from fcd_ds.distributed import main_process_first, release_deepspeed_shm_buffer
     from fcd_ds.engine import DistillEngine
     from fcd_ds.layer_map import layer_map_to_str
     from fcd_ds.metrics import MetricLogger, decoder_flops_per_token
 
     deepspeed.init_distributed()
+    release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
     rank, world = dist.get_rank(), dist.get_world_size()
     set_seed(train_args.seed)
     out = Path(train_args.output_dir)

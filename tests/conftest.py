@@ -108,8 +108,15 @@ def read_train_log(output_dir: Path) -> list[dict]:
     return [r for r in rows if "train/loss/total" in r]
 
 
+def leftover_shm(result: subprocess.CompletedProcess) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers that a :func:`run_launcher` run left in /dev/shm (should be none)."""
+    port = result.args[result.args.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    assert not leftover_shm(result), leftover_shm(result)
 
 
 def snapshot(directory: Path) -> dict[str, str]:
