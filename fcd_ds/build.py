@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .ds_config import bf16_enabled, teacher_ds_config, zero_stage
-from .models import load_causal_lm, load_config, prune_teacher
+from .models import load_config, load_model, prune_teacher
 
 __all__ = [
     "model_dtype",
@@ -54,29 +54,32 @@ def _enable_activation_checkpointing(model, ds_cfg: dict) -> None:
     model.config.use_cache = False
 
 
-def build_student_engine(model_args, teacher_path: str, teacher_config, ds_cfg: dict):
+def build_student_engine(model_args, teacher_path: str | None, teacher_config, ds_cfg: dict, task):
     """Student model (pretrained, fresh from a config, or depth-pruned teacher) wrapped by ``deepspeed.initialize``.
 
     Args:
         model_args: :class:`~fcd_ds.config.ModelArguments` with exactly one student source set.
         teacher_path: teacher folder (for pruning). teacher_config: its config. ds_cfg: resolved JSON.
+        task: the :class:`~fcd_ds.tasks.Task`: its Auto class and config updates (labels) build the model.
 
     Returns:
         The student ``DeepSpeedEngine`` (optimizer and LR scheduler inside).
     """
     import deepspeed
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     dtype = model_dtype(ds_cfg)
+    updates = task.config_updates()
     hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 and model_args.student_num_layers is None else None
     if model_args.student is not None:
-        model = load_causal_lm(model_args.student, dtype, "--student")
+        model = load_model(model_args.student, task.auto_class, dtype, "--student", updates)
     elif model_args.student_config is not None:
         cfg = load_config(model_args.student_config, "--student_config")
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        for key, value in updates.items():
+            setattr(cfg, key, value)
+        model = task.auto_class.from_config(cfg, dtype=dtype)
     else:  # pruned: built whole on CPU (smaller than the teacher), partitioned by deepspeed.initialize
-        model = prune_teacher(teacher_path, teacher_config, model_args.student_num_layers, dtype)
+        model = prune_teacher(teacher_path, teacher_config, model_args.student_num_layers, dtype, task.auto_class, updates)
     del hf_ds  # later models are built whole unless they ask for ZeRO-3 themselves
     model.config.use_cache = False
     if uses_activation_checkpointing(model_args, ds_cfg):
@@ -85,14 +88,15 @@ def build_student_engine(model_args, teacher_path: str, teacher_config, ds_cfg: 
     return engine
 
 
-def build_teacher_engine(teacher_path: str, student_ds_cfg: dict):
-    """Frozen teacher engine (see module docstring). Returns the ``DeepSpeedEngine`` in eval mode."""
+def build_teacher_engine(teacher_path: str, student_ds_cfg: dict, task):
+    """Frozen teacher engine (see module docstring), loaded with the task's Auto class. Returns the
+    ``DeepSpeedEngine`` in eval mode."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     cfg = teacher_ds_config(student_ds_cfg)
     hf_ds = HfDeepSpeedConfig(cfg) if zero_stage(cfg) == 3 else None  # from_pretrained builds it partitioned
-    model = load_causal_lm(teacher_path, model_dtype(student_ds_cfg), "--teacher")
+    model = load_model(teacher_path, task.auto_class, model_dtype(student_ds_cfg), "--teacher")
     del hf_ds
     model.config.use_cache = False
     model.requires_grad_(False)

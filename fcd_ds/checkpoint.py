@@ -3,7 +3,8 @@
 Layout of ``OUTPUT_DIR``::
 
     checkpoints/        DeepSpeed save_checkpoint folders (global_step{N}/, latest) + per-rank RNG states
-    student/            the distilled student, a Hugging Face folder with the tokenizer
+    student/            the distilled student, a Hugging Face folder with the tokenizer and a model card
+    model/              instead of student/ for launchers/finetune_teacher.py: the fine-tuned model
     runs/               TensorBoard events
     train_log.jsonl     one JSON line per logged step (the same scalars), appended to on --resume
     metrics.json        final metrics
@@ -34,7 +35,7 @@ __all__ = [
     "check_resume_layout",
 ]
 
-RUN_FILES = ("checkpoints", "student", "runs", "train_log.jsonl", "metrics.json", "run_config.json")
+RUN_FILES = ("checkpoints", "student", "model", "runs", "train_log.jsonl", "metrics.json", "run_config.json")
 
 
 def latest_tag(output_dir: str | Path) -> str | None:
@@ -142,10 +143,11 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...]) -> di
     return {k: client_state[k] for k in keys}
 
 
-def export_student(engine, tokenizer, dest: str | Path) -> None:
-    """Write the student as a Hugging Face folder (config, safetensors, tokenizer) that
-    ``AutoModelForCausalLM.from_pretrained(dest)`` loads. Under ZeRO-3 the shards are gathered first
-    (``deepspeed.zero.GatheredParameters``). Collective; rank 0 writes, into ``dest.tmp`` renamed at the end."""
+def export_student(engine, tokenizer, dest: str | Path, model_card: str | None = None) -> None:
+    """Write the student as a Hugging Face folder (config, safetensors, tokenizer, and ``model_card`` as
+    README.md) that the task's Auto class (e.g. ``AutoModelForCausalLM.from_pretrained(dest)``) loads.
+    Under ZeRO-3 the shards are gathered first (``deepspeed.zero.GatheredParameters``). Collective;
+    rank 0 writes, into ``dest.tmp`` renamed at the end."""
     import deepspeed
     import torch.distributed as dist
 
@@ -161,6 +163,8 @@ def export_student(engine, tokenizer, dest: str | Path) -> None:
             module.save_pretrained(tmp, state_dict=state)
             module.config.use_cache = False
             tokenizer.save_pretrained(tmp)
+            if model_card is not None:
+                (tmp / "README.md").write_text(model_card, encoding="utf-8")
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
     dist.barrier()

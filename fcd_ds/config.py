@@ -10,9 +10,22 @@ from pathlib import Path
 from .errors import UsageError
 from .losses import SEQUENCE_RELATIONS
 
-__all__ = ["ModelArguments", "DataArguments", "DistillArguments", "TrainArguments", "parse_args", "DEFAULT_DS_CONFIG"]
+__all__ = [
+    "ModelArguments",
+    "FinetuneModelArguments",
+    "DataArguments",
+    "DistillArguments",
+    "TrainArguments",
+    "parse_args",
+    "DS_CONFIG_DIR",
+    "DEFAULT_DS_CONFIG",
+]
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+TASK_NAMES = ("causal_lm", "masked_lm", "sequence_classification")  # fcd_ds.tasks.TASK_NAMES
+# ds_configs/ ships as package data (fcd_ds/ds_configs in an installed wheel); a source checkout or an
+# editable install reads the repository's top-level folder.
+_PACKAGED = Path(__file__).resolve().parent / "ds_configs"
+DS_CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "ds_configs"
 DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "zero2.json"
 
 
@@ -27,7 +40,7 @@ class ModelArguments:
 
     teacher: str | None = field(
         default=None,
-        metadata={"help": "Teacher causal LM: folder or hub name. Default: SmolLM2-135M prepared by `python -m fcd_ds.assets`."},
+        metadata={"help": "Teacher: folder or hub name, loaded with the task's Auto class. Default: the launcher's embedded teacher."},
     )
     student: str | None = field(default=None, metadata={"help": "Pretrained student folder or hub name (same tokenizer as the teacher)."})
     student_config: str | None = field(default=None, metadata={"help": "Config (folder or config.json) of a freshly initialised student."})
@@ -45,22 +58,59 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Text corpus; loaded with ``datasets.load_dataset('text')`` and cut into blocks of max_seq_length tokens."""
+class FinetuneModelArguments:
+    """The model that ``launchers/finetune_teacher.py`` fine-tunes on the task (no teacher, no distillation)."""
 
-    train_file: str | None = field(default=None, metadata={"help": "Training text file (.txt). Default: the prepared BBC News corpus."})
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out text file. Default: a validation_split_percentage slice of the train file."})
-    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of train blocks held out when no validation_file is given."})
-    max_seq_length: int = field(default=128, metadata={"help": "Tokens per training block (<= the models' positions)."})
-    max_eval_samples: int = field(default=64, metadata={"help": "Blocks of the held-out split used for perplexity (0 = all)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained model to fine-tune (folder or hub name), e.g. a teacher or a task-agnostic student. "
+                          "Default: all-MiniLM-L6-v2 prepared by `python -m fcd_ds.assets`."},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the model's blocks."})
+
+    def as_model_arguments(self) -> ModelArguments:
+        """The engine's view: the model to fine-tune is the (only) trained model, the student."""
+        return ModelArguments(teacher=None, student=self.model_name_or_path, gradient_checkpointing=self.gradient_checkpointing)
+
+
+@dataclass
+class DataArguments:
+    """Task and data. Text tasks (causal_lm, masked_lm) read plain text (``datasets.load_dataset('text')``)
+    cut into blocks of max_seq_length tokens; sequence_classification reads csv / tsv / json / jsonl
+    (or a hub dataset) with text, pair and label columns, as transformers' run_glue.py."""
+
+    task: str = field(default="causal_lm", metadata={"help": f"One of {TASK_NAMES}; the launcher sets its default."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: .txt for text tasks; .csv/.tsv/.json/.jsonl for classification. Default: the launcher's embedded data."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out data, same format. Default: a validation_split_percentage slice of the train file."})
+    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of train blocks (or rows) held out when no validation_file is given."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per sequence (<= the models' positions); classification pads and truncates to it."})
+    max_eval_samples: int = field(default=64, metadata={"help": "Held-out blocks or rows used for the metrics (0 = all)."})
+    text_column: str | None = field(default=None, metadata={"help": "Classification: column of the (first) sentence (default 'text', or the GLUE task's)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Classification: column of the second sentence of a pair (e.g. 'hypothesis')."})
+    label_column: str = field(default="label", metadata={"help": "Classification: label column; strings/integers are classes, non-integer floats regression."})
+    task_name: str | None = field(default=None, metadata={"help": "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): its columns and metrics."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (e.g. nyu-mll/glue) loaded with --task_name as its config; needs a hub connection."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "masked_lm with an MLM head: fraction of tokens masked (BERT: 0.15)."})
 
     def __post_init__(self):
+        from .task_metrics import GLUE_TASK_KEYS
+
+        if self.task not in TASK_NAMES:
+            raise UsageError(f"--task: must be one of {TASK_NAMES}, got {self.task!r}")
         _positive("max_seq_length", self.max_seq_length)
         _positive("max_eval_samples", self.max_eval_samples, allow_zero=True)
         if not 0 < self.validation_split_percentage < 100:
             raise UsageError(f"--validation_split_percentage: must be in 1..99, got {self.validation_split_percentage}")
         if self.max_seq_length < 3:
             raise UsageError("--max_seq_length: must be >= 3 (the token relation needs 3 tokens)")
+        if not 0 < self.mlm_probability < 1:
+            raise UsageError(f"--mlm_probability: must be in (0, 1), got {self.mlm_probability}")
+        if self.task_name is not None and self.task_name not in GLUE_TASK_KEYS:
+            raise UsageError(f"--task_name: {self.task_name!r} is not a GLUE task; use one of {', '.join(GLUE_TASK_KEYS)} or omit it")
+        if self.dataset_name is not None and self.train_file is not None:
+            raise UsageError("--dataset_name and --train_file both choose the data; pass one")
+        if self.dataset_name is not None and self.task != "sequence_classification":
+            raise UsageError("--dataset_name: hub datasets are read for --task sequence_classification only; pass --train_file")
 
 
 @dataclass
@@ -74,8 +124,8 @@ class DistillArguments:
     fcd_sequence_relation: str = field(default="position", metadata={"help": f"Sequence relation: one of {SEQUENCE_RELATIONS}."})
     fcd_global_batch: bool = field(default=True, metadata={"help": "All-gather features over data-parallel ranks for the sequence relation."})
     fcd_chunk_size: int = field(default=1024, metadata={"help": "Rows of the N x N token relation computed at once (memory bound)."})
-    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the next-token cross-entropy on the data."})
-    kd_weight: float = field(default=0.0, metadata={"help": "Weight of logit KD (KL at temperature); needs the teacher's LM head."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the task loss on the data (next-token or masked-LM cross-entropy, classification CE, regression MSE)."})
+    kd_weight: float = field(default=0.0, metadata={"help": "Weight of logit KD (KL at temperature on the heads' logits; MSE for regression); needs the teacher's head."})
     kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of logit KD."})
 
     def __post_init__(self):
@@ -132,8 +182,15 @@ class TrainArguments:
             raise UsageError("--resume and --overwrite_output_dir contradict each other; pass one")
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, finetune: bool = False):
     """Parse the command line into ``(ModelArguments, DataArguments, DistillArguments, TrainArguments)``.
+
+    Args:
+        argv: the flags (default ``sys.argv[1:]``).
+        defaults: the launcher's own defaults (e.g. ``{"task": "sequence_classification", "output_dir":
+            "outputs/distill_bert"}``), applied under the command line and shown by ``--help``.
+        finetune: ``launchers/finetune_teacher.py``: the model comes from ``--model_name_or_path``
+            (:class:`FinetuneModelArguments`) and the distillation flags do not exist (task loss only).
 
     Raises:
         UsageError: an unknown flag, or a value out of range (from the dataclasses' checks).
@@ -141,8 +198,15 @@ def parse_args(argv: list[str] | None = None):
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, TrainArguments))
+    model_cls = FinetuneModelArguments if finetune else ModelArguments
+    groups = (model_cls, DataArguments, TrainArguments) if finetune else (model_cls, DataArguments, DistillArguments, TrainArguments)
+    parser = HfArgumentParser(groups)
+    if defaults:
+        parser.set_defaults(**defaults)
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UsageError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags")
+    if finetune:
+        model, data, train = parsed
+        return model.as_model_arguments(), data, DistillArguments(fcd_weight=0.0, kd_weight=0.0), train
     return tuple(parsed)

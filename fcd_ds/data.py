@@ -1,13 +1,14 @@
-"""Text corpus -> fixed-length token blocks -> resumable, rank-sharded micro-batches.
+"""Datasets -> resumable, rank-sharded micro-batches; text corpus -> fixed-length token blocks.
 
-Loading and tokenisation follow transformers' ``run_clm.py``: ``datasets.load_dataset("text",
-keep_linebreaks=True)``, tokenise, concatenate, cut into blocks of ``max_seq_length`` (the tail is
-dropped), labels = inputs. Every block is full, so the attention mask is all ones; the losses still
-take masks, for corpora with padding.
+Text blocks follow transformers' ``run_clm.py``: ``datasets.load_dataset("text", keep_linebreaks=True)``,
+tokenise, concatenate, cut into blocks of ``max_seq_length`` (the tail is dropped). Every block is
+full, so the attention mask is all ones; the losses still take masks, for data with padding. Turning
+rows into model batches (masks, MLM masking, labels) is the task's ``collate``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -32,12 +33,23 @@ def check_data_files(train_file: str, validation_file: str | None) -> None:
             raise UsageError(f"{flag}: {path} is empty")
 
 
+def _special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence (``[CLS]``/``[SEP]`` for BERT,
+    ``<s>``/``</s>`` for RoBERTa), read off its own output for a one-token text."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(framed)) if framed[i : i + len(bare)] == bare)
+    return framed[:start], framed[start + len(bare) :]
+
+
 def load_blocks(
     tokenizer,
     train_file: str,
     validation_file: str | None,
     max_seq_length: int,
     validation_split_percentage: int = 5,
+    *,
+    special_tokens: bool = False,
 ):
     """Tokenised train and validation blocks.
 
@@ -46,6 +58,8 @@ def load_blocks(
         train_file, validation_file: plain-text files; without a validation file the last
             ``validation_split_percentage`` percent of train blocks are held out (deterministic).
         max_seq_length: tokens per block.
+        special_tokens: wrap every block in the tokenizer's special tokens (``[CLS] ... [SEP]`` for BERT,
+            ``<s> ... </s>`` for RoBERTa), text filling the other ``max_seq_length - k`` positions.
 
     Returns:
         ``(train, validation)``: ``datasets.Dataset`` objects with an ``input_ids`` column of
@@ -62,10 +76,16 @@ def load_blocks(
     def tokenize(batch):
         return tokenizer(batch["text"], add_special_tokens=False)
 
+    prefix, suffix = _special_token_frame(tokenizer) if special_tokens else ([], [])
+    body = max_seq_length - len(prefix) - len(suffix)
+
     def group(batch):
         ids = list(chain.from_iterable(batch["input_ids"]))
-        n = len(ids) // max_seq_length * max_seq_length
-        return {"input_ids": [ids[i : i + max_seq_length] for i in range(0, n, max_seq_length)]}
+        n = len(ids) // body * body
+        blocks = [ids[i : i + body] for i in range(0, n, body)]
+        if special_tokens:
+            blocks = [prefix + b + suffix for b in blocks]
+        return {"input_ids": blocks}
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=["text"], desc="tokenize")
     tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c != "input_ids"])
@@ -90,7 +110,8 @@ class MicroBatches:
     ranks see disjoint blocks. ``position`` counts micro-batches handed out; a new stream built with the
     same arguments and ``position`` continues exactly where the saved one stopped.
 
-    Yields dicts ``{"input_ids": (B, N) long, "attention_mask": (B, N) long}``.
+    Yields ``collate(dataset[indices])``: the task's batch dict, e.g. ``{"input_ids": (B, N) long,
+    "attention_mask": (B, N) long, ...}``.
     """
 
     dataset: object
@@ -98,6 +119,7 @@ class MicroBatches:
     rank: int
     world_size: int
     seed: int
+    collate: Callable[[dict], dict]
     position: int = 0
 
     def __post_init__(self):
@@ -122,29 +144,33 @@ class MicroBatches:
             self._epoch, self._order = epoch, list(self.sampler)
         idx = self._order[k * self.batch_size : (k + 1) * self.batch_size]
         self.position += 1
-        ids = self.dataset[idx]["input_ids"]  # (B, N)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return self.collate(self.dataset[idx])
 
 
-def eval_batches(dataset, batch_size: int, rank: int, world_size: int, max_samples: int = 0) -> list[dict]:
-    """This rank's share of the held-out blocks, in order, as micro-batches.
+def eval_batches(
+    dataset, batch_size: int, rank: int, world_size: int, max_samples: int = 0, *, collate: Callable[[dict], dict]
+) -> list[dict]:
+    """This rank's share of the held-out rows (the first ``max_samples``, 0 = all), in order, as batches.
 
-    The block count is rounded down to a multiple of ``batch_size * world_size`` so that every rank
-    runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): the rows are
+    padded to a multiple of ``batch_size * world_size`` by repeating row 0, and every batch carries
+    ``example_mask`` (B,) long, 0 on those padding rows, so that metrics count each real row once.
+
+    Returns:
+        ``[collate(dataset[indices]) | {"example_mask": (B,)}, ...]``.
 
     Raises:
-        UsageError: fewer held-out blocks than one batch on every rank.
+        UsageError: no held-out row.
     """
     n = len(dataset) if not max_samples else min(max_samples, len(dataset))
-    per_round = batch_size * world_size
-    n = n // per_round * per_round
     if n == 0:
-        raise UsageError(
-            f"--per_device_eval_batch_size: {batch_size} x {world_size} ranks exceeds the {len(dataset)} held-out "
-            "blocks (or --max_eval_samples); lower it or add validation text"
-        )
+        raise UsageError("--validation_file: no held-out rows; pass a validation file or a larger validation split")
+    per_round = batch_size * world_size
+    padded = -(-n // per_round) * per_round
     out = []
-    for start in range(rank * batch_size, n, per_round):
-        ids = dataset[start : start + batch_size]["input_ids"]  # (B, N)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    for start in range(rank * batch_size, padded, per_round):
+        idx = list(range(start, start + batch_size))
+        real = torch.tensor([int(i < n) for i in idx])  # (B,)
+        batch = collate(dataset[[i if i < n else 0 for i in idx]])
+        out.append({**batch, "example_mask": real})
     return out

@@ -1,14 +1,16 @@
 """The distillation engine: one optimizer step of student + frozen teacher, and held-out evaluation.
 
 Composition, not inheritance: :class:`DistillEngine` holds the student ``DeepSpeedEngine``, the
-teacher ``DeepSpeedEngine``, the layer map and the loss settings. DeepSpeed owns backward, gradient
-accumulation, clipping and the optimizer step (``engine.backward(loss); engine.step()`` per
-micro-batch, as DeepSpeedExamples' ``train_bert_ds.py``).
+teacher ``DeepSpeedEngine`` (or None: fine-tuning), the layer map, the loss settings and the task.
+It never branches on the model kind: the task turns batches into model inputs, outputs into its loss,
+logit-KD and metrics (:mod:`fcd_ds.tasks`). DeepSpeed owns backward, gradient accumulation, clipping
+and the optimizer step (``engine.backward(loss); engine.step()`` per micro-batch, as DeepSpeedExamples'
+``train_bert_ds.py``).
 
 Training loss per micro-batch::
 
-    ce_weight * CE(next token) + fcd_weight * sum_p w_p * (alpha * L_tok_p + beta * L_seq_p) / sum_p w_p
-                               + kd_weight * T^2 * KL(teacher || student at temperature T)
+    ce_weight * task loss + fcd_weight * sum_p w_p * (alpha * L_tok_p + beta * L_seq_p) / sum_p w_p
+                          + kd_weight * (task's logit KD, T^2 KL(teacher || student) at temperature T)
 """
 
 from __future__ import annotations
@@ -19,28 +21,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .features import FeatureCapture
 from .layer_map import LayerPair
-from .losses import fcd_terms, logit_kd_loss
+from .losses import causal_lm_loss, fcd_terms
 
 __all__ = ["DistillEngine", "causal_lm_loss"]
-
-
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy: position i predicts token i + 1, padded targets ignored.
-
-    Args:
-        logits: (B, N, V). input_ids: (B, N). mask: (B, N).
-        reduction: ``"mean"`` over counted targets or ``"sum"``.
-
-    Returns:
-        float32 scalar (nats).
-    """
-    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, N-1)
-    flat_logits = logits[:, :-1].flatten(0, 1).float()  # (B * (N-1), V)
-    return F.cross_entropy(flat_logits, targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def _sync() -> None:
@@ -50,19 +36,21 @@ def _sync() -> None:
 
 
 class DistillEngine:
-    """Student engine + teacher engine + layer map + loss weights.
+    """Student engine + teacher engine + layer map + loss weights + task.
 
     Args:
-        student: student ``DeepSpeedEngine`` (training). teacher: teacher ``DeepSpeedEngine`` (frozen).
+        student: student ``DeepSpeedEngine`` (training). teacher: teacher ``DeepSpeedEngine`` (frozen), or
+            None for fine-tuning (then FCD and KD must be off).
         pairs: the layer map (:class:`~fcd_ds.layer_map.LayerPair` list).
-        distill: :class:`~fcd_ds.config.DistillArguments`.
+        distill: :class:`~fcd_ds.config.DistillArguments`. task: a :class:`~fcd_ds.tasks.Task`.
     """
 
-    def __init__(self, student, teacher, pairs: list[LayerPair], distill):
+    def __init__(self, student, teacher, pairs: list[LayerPair], distill, task):
         self.student = student
         self.teacher = teacher
         self.pairs = pairs
         self.args = distill
+        self.task = task
         self.student_capture = FeatureCapture(student.module, [p.student for p in pairs]) if distill.uses_fcd else None
         self.teacher_capture = FeatureCapture(teacher.module, [p.teacher for p in pairs]) if distill.uses_fcd else None
 
@@ -71,36 +59,38 @@ class DistillEngine:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether training runs the teacher at all (False for cross-entropy alone)."""
-        return self.args.uses_fcd or self.args.uses_kd
+        """Whether training runs the teacher at all (False for the task loss alone)."""
+        return self.teacher is not None and (self.args.uses_fcd or self.args.uses_kd)
 
     @torch.no_grad()
-    def teacher_forward(self, batch: dict) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Teacher features of the layer map's blocks, and logits only when logit KD is on (otherwise the
-        base model runs without the LM head). Returns ``({block: (B, N, C_t)}, (B, N, V) or None)``."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    def teacher_forward(self, batch: dict):
+        """Teacher features of the layer map's blocks, and the head's outputs only when logit KD is on
+        (otherwise the base model runs without the head). Returns ``({block: (B, N, C_t)}, outputs or None)``."""
+        inputs = self.task.model_inputs(batch)
         capture = self.teacher_capture
         with capture.recording() if capture is not None else nullcontext():
             if self.args.uses_kd:
-                logits = self.teacher(**inputs).logits
+                outputs = self.teacher(**inputs)
             else:
                 self.teacher.module.base_model(**inputs)
-                logits = None
-        return (dict(capture.features) if capture is not None else {}), logits
+                outputs = None
+        return (dict(capture.features) if capture is not None else {}), outputs
 
-    def losses(self, batch: dict, teacher_feats: dict, teacher_logits) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: dict, teacher_feats: dict, teacher_outputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student forward and every loss term. Returns ``(total, terms)``; ``terms`` holds the unweighted
-        scalars: ``loss/ce``, ``loss/fcd``, ``loss/kd``, ``fcd/<pair>/token``, ``fcd/<pair>/sequence``."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        scalars: ``loss/ce`` (the task loss), ``loss/fcd``, ``loss/kd``, ``fcd/<pair>/token``, ``fcd/<pair>/sequence``."""
+        mask = batch["attention_mask"]
         capture = self.student_capture
         with capture.recording() if capture is not None else nullcontext():
-            logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, N, V)
+            outputs = self.student(**self.task.model_inputs(batch))
         a = self.args
         terms: dict[str, torch.Tensor] = {}
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=mask.device)
         if a.ce_weight:
-            terms["loss/ce"] = causal_lm_loss(logits, ids, mask)
-            total = total + a.ce_weight * terms["loss/ce"]
+            task_loss = self.task.task_loss(outputs, batch)
+            if task_loss is not None:
+                terms["loss/ce"] = task_loss
+                total = total + a.ce_weight * task_loss
         if a.uses_fcd:
             weighted, weight_sum = 0.0, sum(p.weight for p in self.pairs)
             for p in self.pairs:
@@ -120,7 +110,7 @@ class DistillEngine:
             total = total + a.fcd_weight * terms["loss/fcd"]
             capture.features = {}  # the graph keeps what backward needs
         if a.uses_kd:
-            terms["loss/kd"] = logit_kd_loss(logits, teacher_logits, mask, temperature=a.kd_temperature)
+            terms["loss/kd"] = self.task.kd_loss(outputs, teacher_outputs, batch, a.kd_temperature)
             total = total + a.kd_weight * terms["loss/kd"]
         terms["loss/total"] = total
         return total, terms
@@ -131,7 +121,7 @@ class DistillEngine:
         Returns:
             Mean of every loss term over the micro-batches, plus seconds spent in ``time/teacher_forward``,
             ``time/student_forward_backward`` and ``time/optimizer_step`` (accelerator-synchronised),
-            and ``tokens`` (this rank's tokens in the step).
+            and ``tokens`` (this rank's real tokens in the step, from the attention masks).
         """
         gas = self.student.gradient_accumulation_steps()
         sums: dict[str, float] = defaultdict(float)
@@ -139,10 +129,10 @@ class DistillEngine:
             batch = self._to_device(next(micro_batches))
             _sync()
             t0 = time.perf_counter()
-            feats, t_logits = self.teacher_forward(batch) if self.needs_teacher else ({}, None)
+            feats, t_outputs = self.teacher_forward(batch) if self.needs_teacher else ({}, None)
             _sync()
             t1 = time.perf_counter()
-            total, terms = self.losses(batch, feats, t_logits)
+            total, terms = self.losses(batch, feats, t_outputs)
             self.student.backward(total)
             _sync()
             t2 = time.perf_counter()
@@ -158,21 +148,37 @@ class DistillEngine:
         return dict(sums)
 
     @torch.no_grad()
-    def evaluate(self, which: str, batches: list[dict]) -> float:
-        """Mean next-token cross-entropy (nats/token) of ``"student"`` or ``"teacher"`` over every rank's
-        ``batches`` (token-weighted, all-reduced). Perplexity is ``exp`` of it. Collective."""
+    def evaluate(self, which: str, batches: list[dict]) -> dict[str, float]:
+        """Held-out metrics of ``"student"`` or ``"teacher"`` over every rank's ``batches`` (the task's
+        :meth:`~fcd_ds.tasks.Task.metrics` of the statistics gathered from all ranks), plus ``fcd``, the
+        student's held-out FCD loss against the teacher, when the task has no metric of its own (a
+        headless task-agnostic run). Collective.
+        """
         engine = self.student if which == "student" else self.teacher
         was_training = engine.module.training
         engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.student.device)  # (loss sum, target count)
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        fcd_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch FCD losses, batches)
+        held_out_fcd = not self.task.metric_names and which == "student" and self.student_capture is not None
         for batch in batches:
             batch = self._to_device(batch)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            totals[0] += causal_lm_loss(logits, ids, mask, reduction="sum").double()
-            totals[1] += mask[:, 1:].sum().double()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
+            if held_out_fcd:
+                feats, _ = self.teacher_forward(batch)
+                _, terms = self.losses(batch, feats, None)
+                fcd_sum += torch.tensor([terms["loss/fcd"].item(), 1.0], dtype=torch.float64)
+                continue
+            outputs = engine(**self.task.model_inputs(batch))
+            for k, v in self.task.eval_stats(outputs, batch).items():
+                collected[k].append(v.detach().cpu())
         if was_training:
             engine.train()
-        return (totals[0] / totals[1]).item()
+        if held_out_fcd:
+            if dist.is_initialized():
+                dist.all_reduce(fcd_sum)  # mean over ranks' batches (equal values under the global batch)
+            return {"fcd": (fcd_sum[0] / fcd_sum[1]).item()}
+        local = {k: torch.cat(v) for k, v in collected.items()}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+            local = {k: torch.cat([p[k] for p in parts]) for k in local}
+        return self.task.metrics(local)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .distributed import is_main_process
 
-__all__ = ["MetricLogger", "decoder_flops_per_token"]
+__all__ = ["MetricLogger", "transformer_flops_per_token"]
 
 
 class MetricLogger:
@@ -44,17 +44,18 @@ class MetricLogger:
             self._jsonl = None
 
 
-def decoder_flops_per_token(config, seq_len: int, *, lm_head: bool = True, backward: bool = False) -> float:
-    """Matmul FLOPs per token of one forward (x3 with ``backward``) of a decoder-only transformer.
+def transformer_flops_per_token(config, seq_len: int, *, head: bool = True, backward: bool = False) -> float:
+    """Matmul FLOPs per token of one forward (x3 with ``backward``) of a transformer (decoder or encoder).
 
     Per block: 2 * (attention and MLP weight elements) + 2 * 2 * seq_len * hidden for the score and value
     matmuls (PaLM, Chowdhery et al. 2022, appendix B; the 6N + 12 L H Q T count of nanoGPT's
     ``estimate_mfu``); plus 2 * vocab * hidden for the LM head. Embedding lookups, norms and softmax are
-    not counted. The weight count comes from the config (hidden_size, intermediate_size, heads, KV heads;
+    not counted, nor a classification head (K x hidden, negligible). The weight count comes from the config (hidden_size, intermediate_size, heads, KV heads;
     GPT-2 style 4x MLP when ``intermediate_size`` is absent; gated MLP for ``hidden_act`` silu).
 
     Args:
-        config: a transformers decoder config. seq_len: tokens per sequence.
+        config: a transformers config. seq_len: tokens per sequence.
+        head: count the vocabulary projection (LM or MLM head).
 
     Returns:
         FLOPs per token (float).
@@ -68,5 +69,5 @@ def decoder_flops_per_token(config, seq_len: int, *, lm_head: bool = True, backw
     gated = str(getattr(config, "hidden_act", "")).lower() in ("silu", "swiglu", "geglu")
     mlp_weights = d * inner * (3 if gated else 2)
     per_block = 2 * (attn_weights + mlp_weights) + 4 * seq_len * heads * head_dim
-    flops = config.num_hidden_layers * per_block + (2 * config.vocab_size * d if lm_head else 0)
+    flops = config.num_hidden_layers * per_block + (2 * config.vocab_size * d if head else 0)
     return float(flops * (3 if backward else 1))

@@ -1,11 +1,15 @@
-"""Teacher and student construction through the transformers Auto classes (no per-model code).
+"""Teacher and student construction through the transformers Auto classes (no per-model code): the
+task chooses the class (``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ``AutoModel``,
+``AutoModelForSequenceClassification``), so GPT-2, Llama, BERT, RoBERTa and MPNet load alike.
 
 The student is one of:
-* a pretrained causal LM (``--student PATH``),
+* a pretrained model (``--student PATH``),
 * a fresh model from a config file (``--student_config config.json``, random init),
 * the teacher depth-pruned to K blocks (``--student_num_layers K``): K evenly spaced teacher blocks
   (first and last included) are copied with the embeddings, final norm and LM head, read straight from
-  the teacher's safetensors files (so even a teacher that only fits sharded never has to be whole).
+  the teacher's safetensors files (so even a teacher that only fits sharded never has to be whole);
+  a head the teacher's checkpoint lacks (e.g. a classifier on a plain encoder) is freshly initialised,
+  as ``from_pretrained`` does.
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ __all__ = [
     "pruned_student_config",
     "prune_teacher",
     "load_causal_lm",
+    "load_model",
     "max_positions",
 ]
+
+# Models whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``):
+# max_position_embeddings counts pad_token_id + 1 positions that no token can use.
+_PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "data2vec-text")
 
 
 def load_config(name_or_path: str, flag: str) -> PretrainedConfig:
@@ -77,8 +86,12 @@ def check_same_tokenizer(teacher: PreTrainedTokenizerBase, student: PreTrainedTo
 
 
 def max_positions(config: PretrainedConfig) -> int | None:
-    """Longest sequence the model's position embeddings allow (``max_position_embeddings`` / ``n_positions``)."""
-    return getattr(config, "max_position_embeddings", None)
+    """Longest sequence the model's position embeddings allow (``max_position_embeddings`` / ``n_positions``;
+    RoBERTa-style models lose ``pad_token_id + 1`` of them: 514 -> 512)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and getattr(config, "model_type", None) in _PADDING_OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
 
 
 def kept_teacher_blocks(n_teacher: int, k: int) -> list[int]:
@@ -117,52 +130,82 @@ def _weight_files(name_or_path: str) -> list[Path]:
     return files
 
 
-def prune_teacher(teacher: str, teacher_config: PretrainedConfig, k: int, dtype: torch.dtype) -> nn.Module:
+def prune_teacher(
+    teacher: str,
+    teacher_config: PretrainedConfig,
+    k: int,
+    dtype: torch.dtype,
+    auto_class=AutoModelForCausalLM,
+    config_updates: dict | None = None,
+) -> nn.Module:
     """Build a K-block student from the teacher's weights (see module docstring).
 
     Args:
         teacher: teacher folder or hub name with safetensors weights.
         teacher_config: its config. k: student block count. dtype: student parameter dtype.
+        auto_class: the task's Auto class. config_updates: attributes set on the student config
+            (``num_labels``, ``id2label``, ...).
 
     Returns:
-        The student ``AutoModelForCausalLM`` on CPU, every parameter loaded from the teacher.
+        The student on CPU; every parameter of the base model loaded from the teacher, the head too when
+        the teacher's checkpoint has it.
 
     Raises:
-        UsageError: bad ``k`` or no safetensors file. RuntimeError: a student tensor has no teacher source.
+        UsageError: bad ``k`` or no safetensors file. RuntimeError: a base-model tensor has no teacher source.
     """
     from safetensors import safe_open
 
     kept = kept_teacher_blocks(teacher_config.num_hidden_layers, k)
-    student = AutoModelForCausalLM.from_config(pruned_student_config(teacher_config, k), dtype=dtype)
+    cfg = pruned_student_config(teacher_config, k)
+    for key, value in (config_updates or {}).items():
+        setattr(cfg, key, value)
+    student = auto_class.from_config(cfg, dtype=dtype)
     prefix = block_path(student) + "."
+    base = getattr(student, "base_model_prefix", "")
     wanted = {}  # teacher key -> student key
     for key in student.state_dict():
+        source = key
         if key.startswith(prefix):
             index, rest = key[len(prefix) :].split(".", 1)
-            wanted[f"{prefix}{kept[int(index)]}.{rest}"] = key
-        else:
-            wanted[key] = key
+            source = f"{prefix}{kept[int(index)]}.{rest}"
+        wanted[source] = key
+        if base and source.startswith(base + "."):  # a checkpoint of the bare base model has no prefix
+            wanted.setdefault(source[len(base) + 1 :], key)
     state = {}
     for file in _weight_files(teacher):
         with safe_open(str(file), framework="pt") as f:
             for tkey in f.keys():
-                if tkey in wanted:
+                if tkey in wanted and wanted[tkey] not in state:
                     state[wanted[tkey]] = f.get_tensor(tkey).to(dtype)
     missing, unexpected = student.load_state_dict(state, strict=False)
-    # A missing key is fine only if it is tied to a loaded parameter (e.g. lm_head.weight = embed_tokens).
+    # A missing key is fine if it is tied to a loaded parameter (e.g. lm_head.weight = embed_tokens), or
+    # if it belongs to a head that the teacher's checkpoint does not have at all (fresh, as from_pretrained).
     params = dict(student.named_parameters(remove_duplicate=False))
     loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    head_loaded = any(not k.startswith(base + ".") for k in state) if base else True
+    untied = [
+        k for k in missing
+        if (k not in params or params[k].data_ptr() not in loaded_ptrs) and (head_loaded or k.startswith(base + "."))
+    ]
     if untied or unexpected:
         raise RuntimeError(f"pruning {teacher}: no teacher weights for {untied}; unexpected {unexpected}")
     return student
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype, flag: str) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` (a ZeRO-3 ``HfDeepSpeedConfig`` alive around this call
-    makes transformers build it already partitioned). Raises :class:`UsageError` naming ``flag``."""
+def load_model(name_or_path: str, auto_class, dtype: torch.dtype, flag: str, config_updates: dict | None = None) -> nn.Module:
+    """``auto_class.from_pretrained`` with ``config_updates`` as config overrides (a ZeRO-3
+    ``HfDeepSpeedConfig`` alive around this call makes transformers build it already partitioned).
+
+    Raises:
+        UsageError: naming ``flag``, when the folder or hub name does not hold such a model.
+    """
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        return auto_class.from_pretrained(name_or_path, dtype=dtype, **(config_updates or {}))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{flag}: cannot load a causal LM from {name_or_path!r} ({first})") from None
+        raise UsageError(f"{flag}: cannot load a {auto_class.__name__} from {name_or_path!r} ({first})") from None
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype, flag: str) -> nn.Module:
+    """:func:`load_model` with ``AutoModelForCausalLM``."""
+    return load_model(name_or_path, AutoModelForCausalLM, dtype, flag)

@@ -1,34 +1,40 @@
 """Check every input of a run before any work: files, DeepSpeed JSON, output directory, configs,
-tokenizers, layer map, sequence length. Only configs and tokenizers are read (seconds); each problem
-raises one :class:`~fcd_ds.errors.UsageError` naming the flag and the fix."""
+tokenizers, labels, layer map, sequence length. Only configs, tokenizers and (for classification) the
+label column are read (seconds); each problem raises one :class:`~fcd_ds.errors.UsageError` naming the
+flag and the fix."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .assets import prepare_default_assets
 from .checkpoint import check_output_dir
 from .data import check_data_files
 from .ds_config import load_ds_config, resolve_ds_config
 from .errors import UsageError
 from .layer_map import LayerPair, parse_layer_map
 from .models import check_same_tokenizer, load_config, load_tokenizer, max_positions, pruned_student_config
+from .tasks import CausalLMTask, MaskedLMTask, SequenceClassificationTask, has_mlm_head, read_label_spec
+from .tasks.classification import load_raw
 
 __all__ = ["RunPlan", "plan_run"]
 
 
 @dataclass
 class RunPlan:
-    """Everything checked and resolved for a run."""
+    """Everything checked and resolved for a run (the four argument groups with their defaults filled)."""
 
-    teacher: str
-    teacher_config: object
+    launcher: object  # fcd_ds.defaults.Launcher
+    task: object  # a fcd_ds.tasks.Task
+    teacher: str | None  # None when fine-tuning
+    teacher_config: object | None
     student_config: object
     tokenizer: object
     pairs: list[LayerPair]
     ds_config: dict
-    train_file: str
-    validation_file: str | None
+    model_args: object
+    data_args: object
+    distill_args: object
+    train_args: object
 
 
 def _student_config(model_args, teacher_config):
@@ -39,58 +45,104 @@ def _student_config(model_args, teacher_config):
     return pruned_student_config(teacher_config, model_args.student_num_layers)
 
 
-def plan_run(model_args, data_args, distill_args, train_args) -> RunPlan:
-    """Resolve defaults and validate a run. Mutates ``model_args`` (default student depth) and
-    ``data_args`` (default corpus paths).
+def _build_task(data_args, tokenizer, head_config):
+    if data_args.task == "causal_lm":
+        return CausalLMTask()
+    if data_args.task == "masked_lm":
+        return MaskedLMTask(tokenizer, mlm=has_mlm_head(head_config), mlm_probability=data_args.mlm_probability)
+    raw = load_raw(data_args)
+    return SequenceClassificationTask(raw, read_label_spec(raw, data_args), data_args)
+
+
+def _check_teacher_head(task, teacher_config, teacher: str, distill_args) -> None:
+    """A classification teacher must be task-tuned on this label set; a headless MLM teacher trains by
+    distillation terms alone."""
+    if isinstance(task, SequenceClassificationTask):
+        archs = getattr(teacher_config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise UsageError(
+                f"--teacher: {teacher} is not fine-tuned for sequence classification (architectures {archs}); "
+                "fine-tune it on the task first with launchers/finetune_teacher.py"
+            )
+        if teacher_config.num_labels != task.labels.num_labels:
+            raise UsageError(
+                f"--teacher: its head has {teacher_config.num_labels} labels, the data {task.labels.num_labels} "
+                f"({', '.join(task.labels.names) or 'regression'}); use a teacher fine-tuned on this task"
+            )
+        names = [teacher_config.id2label[i] for i in range(teacher_config.num_labels)]
+        generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+        if not task.labels.is_regression and not generic and tuple(names) != task.labels.names:
+            raise UsageError(f"--teacher: its labels {names} differ from the data's {list(task.labels.names)}; fix --label_column or the teacher")
+    if isinstance(task, MaskedLMTask) and not task.mlm:
+        if distill_args.kd_weight:
+            raise UsageError(f"--kd_weight: the teacher {teacher} has no MLM head to distil logits from; set --kd_weight 0")
+        if not distill_args.fcd_weight:
+            raise UsageError(f"--fcd_weight: the teacher {teacher} has no MLM head, so FCD is the only loss; set --fcd_weight > 0")
+
+
+def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPlan:
+    """Resolve the launcher's defaults and validate a run. Mutates ``model_args`` (default teacher and
+    student depth) and ``data_args`` (default data paths).
+
+    Args:
+        model_args, data_args, distill_args, train_args: from :func:`~fcd_ds.config.parse_args`.
+        launcher: the :class:`~fcd_ds.defaults.Launcher` (its embedded assets, export name, fine-tune mode).
 
     Raises:
         UsageError: the first problem found.
     """
-    if model_args.teacher is None or data_args.train_file is None:
-        assets = prepare_default_assets()
-        if model_args.teacher is None:
-            model_args.teacher = str(assets.teacher)
-        if data_args.train_file is None:
-            if data_args.validation_file is not None:
-                raise UsageError("--validation_file: given without --train_file; pass both, or neither for the default corpus")
-            data_args.train_file, data_args.validation_file = str(assets.train_file), str(assets.validation_file)
-    check_data_files(data_args.train_file, data_args.validation_file)
+    launcher.fill(model_args, data_args)
+    if data_args.train_file is not None:
+        check_data_files(data_args.train_file, data_args.validation_file)
     ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args)
     check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir)
 
-    teacher_config = load_config(model_args.teacher, "--teacher")
-    tokenizer = load_tokenizer(model_args.teacher, "--teacher")
-    if model_args.student is None and model_args.student_config is None and model_args.student_num_layers is None:
-        model_args.student_num_layers = max(1, round(teacher_config.num_hidden_layers / 3))
+    teacher = None if launcher.finetune else model_args.teacher
+    teacher_config = load_config(teacher, "--teacher") if teacher is not None else None
+    tokenizer = load_tokenizer(teacher, "--teacher") if teacher is not None else load_tokenizer(model_args.student, "--model_name_or_path")
+    if teacher is not None and model_args.student is None and model_args.student_config is None and model_args.student_num_layers is None:
+        model_args.student_num_layers = max(1, round(teacher_config.num_hidden_layers * launcher.student_depth))
     student_config = _student_config(model_args, teacher_config)
-    if model_args.student is not None:
-        try:
-            student_tokenizer = load_tokenizer(model_args.student, "--student")
-        except UsageError:
-            student_tokenizer = None  # a student folder without tokenizer files uses the teacher's
-        if student_tokenizer is not None:
-            check_same_tokenizer(tokenizer, student_tokenizer)
-    if student_config.vocab_size < len(tokenizer):
-        flag = "--student" if model_args.student is not None else "--student_config"
-        raise UsageError(
-            f"{flag}: vocab_size {student_config.vocab_size} is smaller than the teacher tokenizer's {len(tokenizer)} "
-            "tokens; the student must use the teacher's tokenizer"
-        )
-    for flag, cfg in (("--teacher", teacher_config), ("--student", student_config)):
+    task = _build_task(data_args, tokenizer, teacher_config if teacher is not None else student_config)
+    if teacher is None:
+        if isinstance(task, MaskedLMTask) and not task.mlm:
+            raise UsageError(f"--model_name_or_path: {model_args.student} has no MLM head, so --task masked_lm has no loss to fine-tune on")
+        pairs = []
+    else:
+        _check_teacher_head(task, teacher_config, teacher, distill_args)
+        if model_args.student is not None:
+            try:
+                student_tokenizer = load_tokenizer(model_args.student, "--student")
+            except UsageError:
+                student_tokenizer = None  # a student folder without tokenizer files uses the teacher's
+            if student_tokenizer is not None:
+                check_same_tokenizer(tokenizer, student_tokenizer)
+        if student_config.vocab_size < len(tokenizer):
+            flag = "--student" if model_args.student is not None else "--student_config"
+            raise UsageError(
+                f"{flag}: vocab_size {student_config.vocab_size} is smaller than the teacher tokenizer's {len(tokenizer)} "
+                "tokens; the student must use the teacher's tokenizer"
+            )
+        pairs = parse_layer_map(distill_args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
+    models = (("--teacher", teacher_config), ("--student", student_config)) if teacher is not None else (("--model_name_or_path", student_config),)
+    for flag, cfg in models:
         limit = max_positions(cfg)
         if limit is not None and data_args.max_seq_length > limit:
             raise UsageError(
                 f"--max_seq_length: {data_args.max_seq_length} exceeds the {flag.lstrip('-')}'s {limit} positions; "
                 f"use --max_seq_length {limit} or less"
             )
-    pairs = parse_layer_map(distill_args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
     return RunPlan(
-        teacher=model_args.teacher,
+        launcher=launcher,
+        task=task,
+        teacher=teacher,
         teacher_config=teacher_config,
         student_config=student_config,
         tokenizer=tokenizer,
         pairs=pairs,
         ds_config=ds_config,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
+        model_args=model_args,
+        data_args=data_args,
+        distill_args=distill_args,
+        train_args=train_args,
     )

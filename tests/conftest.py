@@ -1,6 +1,7 @@
-"""Shared fixtures: a tiny BPE tokenizer trained on the frozen Austen corpus, tiny GPT-2 and Llama
-teachers/students saved as Hugging Face folders, small train/validation text files, and a helper that
-runs the launcher under ``deepspeed --num_gpus 2`` (real 2-rank gloo runs on CPU)."""
+"""Shared fixtures: small train/validation text files cut from the BBC News corpus that the asset step
+installs (``make test`` prepares it; nothing outside the repository is read), a tiny BPE tokenizer
+trained on it, tiny GPT-2 and Llama teachers/students saved as Hugging Face folders, and a helper that
+runs a launcher under ``deepspeed --num_gpus 2`` (real 2-rank gloo runs on CPU)."""
 
 from __future__ import annotations
 
@@ -15,30 +16,31 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "austen_5novels.txt"
 LAUNCHER = REPO / "launchers" / "distill_gpt.py"
 
 
-def _austen() -> str:
-    if not SHARED_DATA.is_file():
-        pytest.skip(f"frozen corpus {SHARED_DATA} not found (CI has ../shared beside the repo)")
-    return SHARED_DATA.read_text(encoding="utf-8")
+def _bbc() -> tuple[str, str]:
+    """The prepared BBC News corpus (train text, held-out text): real English the asset step installs."""
+    from fcd_ds.assets import prepare_default_assets
+
+    assets = prepare_default_assets()
+    return assets.train_file.read_text(encoding="utf-8"), assets.validation_file.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    """Small real-English train/validation files cut from the Austen novels (deterministic)."""
-    text = _austen()
+    """Small real-English train/validation files cut from the BBC News corpus (deterministic)."""
+    train_text, valid_text = _bbc()
     d = tmp_path_factory.mktemp("corpus")
     train, valid = d / "train.txt", d / "valid.txt"
-    train.write_text(text[200_000:260_000], encoding="utf-8")
-    valid.write_text(text[400_000:412_000], encoding="utf-8")
+    train.write_text(train_text[200_000:260_000], encoding="utf-8")
+    valid.write_text(valid_text[:12_000], encoding="utf-8")
     return {"train": train, "valid": valid, "dir": d}
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 512-token byte-level BPE tokenizer trained on 300 kB of Austen (keeps tiny models' logits small)."""
+    """A 512-token byte-level BPE tokenizer trained on 300 kB of BBC News (keeps tiny models' logits small)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +48,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator([_austen()[:300_000]], trainer=trainer)
+    tok.train_from_iterator([_bbc()[0][:300_000]], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     d = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(d)
@@ -91,15 +93,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(args: list[str], *, ranks: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run launchers/distill_gpt.py under ``deepspeed --num_gpus RANKS`` on a free port; returns the result."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(LAUNCHER), *map(str, args)]
+def run_launcher(args: list[str], *, ranks: int = 2, timeout: int = 600, env: dict | None = None,
+                 launcher: Path = LAUNCHER) -> subprocess.CompletedProcess:
+    """Run a launcher (default launchers/distill_gpt.py) under ``deepspeed --num_gpus RANKS`` on a free port."""
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(launcher), *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def run_plain(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the launcher as a plain single process (bad-input checks happen before DeepSpeed starts)."""
-    return subprocess.run([sys.executable, str(LAUNCHER), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_plain(args: list[str], timeout: int = 300, launcher: Path = LAUNCHER) -> subprocess.CompletedProcess:
+    """Run a launcher as a plain single process (bad-input checks happen before DeepSpeed starts)."""
+    return subprocess.run([sys.executable, str(launcher), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def read_train_log(output_dir: Path) -> list[dict]:

@@ -30,7 +30,7 @@ def reloaded_eval_loss(student_dir: Path, corpus) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fcd_ds.data import load_blocks
-    from fcd_ds.engine import causal_lm_loss
+    from fcd_ds.losses import causal_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(student_dir)

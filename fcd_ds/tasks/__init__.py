@@ -1,0 +1,71 @@
+"""Tasks: what differs between distilling a decoder, an encoder on raw text and an encoder on labels.
+
+The distillation engine, the losses, the layer map, the checkpoints and the logging never branch on
+the model kind (TextBrewer's adaptor idea): a task owns the data (files -> tokenised datasets ->
+batches), the head (the transformers Auto class of teacher, student and export), the task loss on the
+data, the logit-KD form for its head, and the held-out metrics. Three tasks ship:
+
+* ``causal_lm``: next-token cross-entropy on text blocks, perplexity (:class:`CausalLMTask`);
+* ``masked_lm``: task-agnostic encoder distillation on text blocks, with the masked-LM loss when the
+  teacher has an MLM head (:class:`MaskedLMTask`);
+* ``sequence_classification``: single sentences or pairs, classification or regression, GLUE metrics
+  (:class:`SequenceClassificationTask`).
+
+Every task implements the :class:`Task` protocol (structural typing, no base class).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .causal_lm import CausalLMTask
+from .classification import LabelSpec, SequenceClassificationTask, read_label_spec
+from .masked_lm import MaskedLMTask, has_mlm_head
+
+__all__ = [
+    "TASK_NAMES",
+    "Task",
+    "CausalLMTask",
+    "MaskedLMTask",
+    "SequenceClassificationTask",
+    "LabelSpec",
+    "read_label_spec",
+    "has_mlm_head",
+]
+
+TASK_NAMES = ("causal_lm", "masked_lm", "sequence_classification")
+
+
+class Task(Protocol):
+    """What the engine asks of a task. Batches are dicts of tensors with a leading batch dim B."""
+
+    name: str
+    auto_class: Any  # transformers Auto class that loads teacher and student and reloads the export
+    metric_names: tuple[str, ...]  # held-out metrics, e.g. ("loss", "perplexity") or ("accuracy", "f1")
+    vocab_head: bool  # whether the head projects onto the vocabulary (counted in FLOPs)
+
+    def config_updates(self) -> dict:
+        """Attributes set on the student's (and export's) config, e.g. ``num_labels``, ``id2label``."""
+
+    def load_datasets(self, tokenizer, data_args) -> tuple[Any, Any]:
+        """``(train, validation)`` ``datasets.Dataset`` objects, torch-formatted, fixed length per row."""
+
+    def collate(self, rows: dict[str, torch.Tensor], *, train: bool) -> dict[str, torch.Tensor]:
+        """Rows ``dataset[indices]`` -> a model batch (adds masks, masking, labels)."""
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The keyword arguments of the model's forward."""
+
+    def task_loss(self, outputs, batch: dict) -> torch.Tensor | None:
+        """Loss on the data's own targets (float32 scalar), or None when the head cannot give one."""
+
+    def kd_loss(self, student_outputs, teacher_outputs, batch: dict, temperature: float) -> torch.Tensor:
+        """Logit distillation between the two heads' outputs (float32 scalar)."""
+
+    def eval_stats(self, outputs, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-batch 1-D tensors, concatenated over batches and ranks and passed to :meth:`metrics`."""
+
+    def metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out metrics from the concatenated :meth:`eval_stats`."""

@@ -1,0 +1,195 @@
+"""Sequence classification and regression, single sentences or pairs, in the format of transformers'
+``examples/pytorch/text-classification/run_glue.py``: csv / json / jsonl files with a text column, an
+optional pair column and a label column (or a hub dataset with ``--dataset_name`` + ``--task_name``).
+
+Labels: strings (e.g. ``fresh`` / ``rotten``) or integers are classes, named by their own values
+(sorted), which become the exported model's ``id2label`` / ``label2id``; floats that are not all
+integers make a regression task (one output, MSE), as ``run_glue.py`` decides from the label dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from ..errors import UsageError
+from ..losses import logit_kd_loss
+from ..task_metrics import GLUE_TASK_KEYS, GLUE_VALIDATION_SPLIT, compute_metrics, metric_names
+
+__all__ = ["LabelSpec", "read_label_spec", "load_raw", "SequenceClassificationTask"]
+
+_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".tsv": "csv"}
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The label set read from the training data: class names (id order) or regression."""
+
+    names: tuple[str, ...]  # empty for regression
+    is_regression: bool
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.names)
+
+
+def _loader(path: str, flag: str) -> tuple[str, dict]:
+    suffixes = Path(path).suffixes
+    suffix = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] in (".bz2", ".gz", ".xz", ".zst") else (suffixes or [""])[-1]
+    if suffix not in _LOADERS:
+        raise UsageError(f"{flag}: {path} is not .csv, .tsv, .json or .jsonl; convert it, as run_glue.py expects")
+    return _LOADERS[suffix], ({"delimiter": "\t"} if suffix == ".tsv" else {})
+
+
+def load_raw(data_args):
+    """``datasets.DatasetDict`` with ``train`` and ``validation`` splits, from the files or the hub.
+
+    Without a validation file the last ``validation_split_percentage`` percent of train rows are held out.
+
+    Raises:
+        UsageError: unknown file type, missing columns, or a hub dataset that cannot be loaded.
+    """
+    from datasets import DatasetDict, load_dataset
+
+    if data_args.dataset_name is not None:
+        try:
+            raw = load_dataset(data_args.dataset_name, data_args.task_name)
+        except Exception as exc:  # offline, unknown name, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--dataset_name: cannot load {data_args.dataset_name!r} ({first}); pass --train_file") from None
+        valid_split = GLUE_VALIDATION_SPLIT.get(data_args.task_name, "validation")
+        return DatasetDict(train=raw["train"], validation=raw[valid_split])
+    builder, kwargs = _loader(data_args.train_file, "--train_file")
+    files = {"train": data_args.train_file}
+    if data_args.validation_file is not None:
+        if _loader(data_args.validation_file, "--validation_file")[0] != builder:
+            raise UsageError("--validation_file: must have the same format (csv or json) as --train_file")
+        files["validation"] = data_args.validation_file
+    raw = load_dataset(builder, data_files=files, **kwargs)
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, shuffle=False)
+        raw = DatasetDict(train=split["train"], validation=split["test"])
+    return raw
+
+
+def text_columns(data_args) -> tuple[str, str | None]:
+    """``(text, pair)`` columns: the flags, or run_glue's ``task_to_keys`` for a GLUE ``--task_name``."""
+    if data_args.task_name is not None and data_args.text_column is None:
+        return GLUE_TASK_KEYS[data_args.task_name]
+    return data_args.text_column or "text", data_args.text_pair_column
+
+
+def read_label_spec(raw, data_args) -> LabelSpec:
+    """Label names (or regression) from the train split; checks columns and validation labels.
+
+    Raises:
+        UsageError: a column is missing, the validation split has a label unseen in training, or a class
+            label column has a single value.
+    """
+    text, pair = text_columns(data_args)
+    label = data_args.label_column
+    for split in ("train", "validation"):
+        columns = raw[split].column_names
+        for flag, col in (("--text_column", text), ("--text_pair_column", pair), ("--label_column", label)):
+            if col is not None and col not in columns:
+                raise UsageError(f"{flag}: no column {col!r} in the {split} data (columns: {', '.join(columns)}); pass {flag} NAME")
+    feature = raw["train"].features[label]
+    if hasattr(feature, "names"):  # datasets.ClassLabel (hub datasets such as GLUE)
+        return LabelSpec(tuple(feature.names), False)
+    values = raw["train"].unique(label)
+    if all(isinstance(v, float) for v in values) and not all(float(v).is_integer() for v in values):
+        return LabelSpec((), True)
+    names = tuple(sorted(str(v) for v in values))
+    if len(names) < 2:
+        raise UsageError(f"--label_column: {label!r} has a single value {names}; a classifier needs 2 or more classes")
+    unseen = sorted({str(v) for v in raw["validation"].unique(label)} - set(names))
+    if unseen:
+        raise UsageError(f"--validation_file: labels {unseen} do not occur in the training data; fix the files")
+    return LabelSpec(names, False)
+
+
+class SequenceClassificationTask:
+    """GLUE-style classification or regression (see module docstring).
+
+    Batches: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer makes them)
+    (B, N), padded to ``max_seq_length`` so that every rank's features have the same N for the
+    global-batch sequence relation; ``labels`` (B,) long class ids, or float targets for regression.
+    """
+
+    name = "sequence_classification"
+    auto_class = AutoModelForSequenceClassification
+    vocab_head = False
+
+    def __init__(self, raw, labels: LabelSpec, data_args):
+        self.raw = raw
+        self.labels = labels
+        self.args = data_args
+        self.metric_names = metric_names(data_args.task_name, labels.is_regression, labels.num_labels)
+
+    def config_updates(self) -> dict:
+        if self.labels.is_regression:
+            return {"num_labels": 1, "problem_type": "regression"}
+        names = self.labels.names
+        return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+                "problem_type": "single_label_classification"}
+
+    def load_datasets(self, tokenizer, data_args):
+        text, pair = text_columns(data_args)
+        label = data_args.label_column
+        ids = {n: i for i, n in enumerate(self.labels.names)}
+        feature = self.raw["train"].features[label]
+
+        def encode(batch):
+            enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=data_args.max_seq_length,
+                            padding="max_length")
+            if self.labels.is_regression:
+                enc["labels"] = [float(v) for v in batch[label]]
+            elif hasattr(feature, "names"):
+                enc["labels"] = list(batch[label])
+            else:
+                enc["labels"] = [ids[str(v)] for v in batch[label]]
+            return enc
+
+        out = []
+        for split in ("train", "validation"):
+            ds = self.raw[split]
+            ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {split}")
+            out.append(ds.with_format("torch"))
+        return tuple(out)
+
+    def collate(self, rows, *, train: bool) -> dict:
+        return dict(rows)
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def task_loss(self, outputs, batch: dict) -> torch.Tensor:
+        logits = outputs.logits.float()  # (B, K)
+        if self.labels.is_regression:
+            return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
+        return F.cross_entropy(logits, batch["labels"])
+
+    def kd_loss(self, student_outputs, teacher_outputs, batch: dict, temperature: float) -> torch.Tensor:
+        """KL at temperature on class logits (as one 'token' per sequence); MSE on predictions for regression."""
+        s, t = student_outputs.logits.float(), teacher_outputs.logits.float()  # (B, K)
+        if self.labels.is_regression:
+            return F.mse_loss(s, t)
+        ones = torch.ones(s.shape[0], 1, device=s.device)  # (B, 1)
+        return logit_kd_loss(s[:, None], t[:, None], ones, temperature=temperature)  # (B, 1, K)
+
+    def eval_stats(self, outputs, batch: dict) -> dict:
+        keep = batch["example_mask"].bool()  # (B,)
+        logits = outputs.logits.float()[keep]  # (B', K)
+        preds = logits.squeeze(-1) if self.labels.is_regression else logits.argmax(-1)
+        return {"predictions": preds.double(), "labels": batch["labels"][keep].double()}
+
+    def metrics(self, stats: dict) -> dict:
+        preds, labels = stats["predictions"].numpy(), stats["labels"].numpy()
+        if not self.labels.is_regression:
+            preds, labels = preds.astype(np.int64), labels.astype(np.int64)
+        return compute_metrics(self.metric_names, preds, labels)

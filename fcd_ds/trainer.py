@@ -1,0 +1,240 @@
+"""The run around the engine, task-free: ``setup`` (process group, data, engines, resume or initial
+evaluation, output folder), ``train`` (the step loop: TensorBoard, tqdm, checkpoints), ``evaluate``
+(final held-out metrics) and ``save`` (export with a model card, metrics.json). Every launcher is these
+four calls on a checked :class:`~fcd_ds.plan.RunPlan` (torchtune's recipe shape: setup / train / save).
+
+Progress and state live in one :class:`TrainState`, saved as the DeepSpeed checkpoint's ``client_state``
+so that ``--resume`` continues with the losses an uninterrupted run would have given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = ["TrainState", "Job", "setup", "train", "evaluate", "save", "usage_error", "finish"]
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the DeepSpeed checkpoint (model, optimizer, scheduler) and
+    the per-rank RNG states. ``data_layout`` is the micro-batch size, world size, sequence length and
+    seed that ``data_position`` counts in."""
+
+    step: int = 0
+    data_position: int = 0
+    train_seconds: float = 0.0
+    train_tokens: float = 0.0
+    data_layout: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """A running job: the plan, the distributed engines, the data streams and the state."""
+
+    plan: object
+    rank: int
+    world: int
+    out: Path
+    distiller: object  # fcd_ds.engine.DistillEngine
+    micro_batches: object  # fcd_ds.data.MicroBatches
+    eval_set: list
+    state: TrainState
+    flops_per_token: float
+    teacher_shares: list | None
+
+
+def usage_error(exc: UsageError) -> int:
+    """Print ``error: <message>`` (rank 0 only) and return exit status 2, as argparse."""
+    from .distributed import is_main_process
+
+    if is_main_process():
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _prefixed(prefix: str, metrics: dict, suffix: str = "") -> dict:
+    return {f"{prefix}_eval_{k}{suffix}": v for k, v in metrics.items()}
+
+
+def setup(plan) -> Job:
+    """Start the process group, tokenise the data (rank 0 first), build the engines, then resume from
+    the latest checkpoint or measure the starting point, and only then write to the output folder.
+
+    Raises:
+        UsageError: a problem found after the process group started (too little data for the batch,
+            a checkpoint written with another data layout); the caller reports it with :func:`finish`.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import set_seed
+
+    from .build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
+    from .checkpoint import check_resume_layout, clear_run_files, load_checkpoint
+    from .data import MicroBatches, eval_batches
+    from .distributed import main_process_first, release_deepspeed_shm_buffer
+    from .engine import DistillEngine
+    from .layer_map import layer_map_to_str
+    from .metrics import transformer_flops_per_token
+
+    deepspeed.init_distributed()
+    release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
+    rank, world = dist.get_rank(), dist.get_world_size()
+    d, t, task = plan.data_args, plan.train_args, plan.task
+    set_seed(t.seed)
+    out = Path(t.output_dir)
+
+    # Data: rank 0 tokenises first, the others reuse its datasets cache.
+    with main_process_first():
+        train_set, valid_set = task.load_datasets(plan.tokenizer, d)
+    micro_bs = plan.ds_config["train_micro_batch_size_per_gpu"]
+    eval_set = eval_batches(valid_set, t.per_device_eval_batch_size, rank, world, d.max_eval_samples,
+                            collate=partial(task.collate, train=False))
+    micro_batches = MicroBatches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True))
+
+    # Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is.
+    student = build_student_engine(plan.model_args, plan.teacher, plan.teacher_config, plan.ds_config, task)
+    teacher = build_teacher_engine(plan.teacher, plan.ds_config, task) if plan.teacher is not None else None
+    distiller = DistillEngine(student, teacher, plan.pairs, plan.distill_args, task)
+    teacher_shares = gather_param_shares(teacher.module) if teacher is not None else None
+
+    # Resume (same data layout only), or measure the starting point.
+    layout = {"micro_batch_size": micro_bs, "world_size": world, "max_seq_length": d.max_seq_length, "seed": t.seed}
+    if t.resume:
+        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__))
+        state = TrainState(**saved)
+        check_resume_layout(state.data_layout, layout)
+        micro_batches.position = state.data_position
+    else:
+        state = TrainState(data_layout=layout)
+        if teacher is not None:
+            state.metrics.update(_prefixed("teacher", distiller.evaluate("teacher", eval_set)))
+        state.metrics.update(_prefixed("student", distiller.evaluate("student", eval_set), "_initial"))
+
+    # Output directory: only now, with every input and the checkpoint checked, is anything written.
+    if rank == 0:
+        if t.overwrite_output_dir:
+            clear_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        run_config = {"launcher": plan.launcher.name, "task": task.name, "model": asdict(plan.model_args),
+                      "data": asdict(d), "distill": asdict(plan.distill_args), "train": asdict(t),
+                      "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None, "world_size": world,
+                      "deepspeed_config": plan.ds_config}
+        (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    dist.barrier()
+
+    seq = d.max_seq_length
+    flops = transformer_flops_per_token(plan.student_config, seq, head=task.vocab_head, backward=True) * (
+        4 / 3 if uses_activation_checkpointing(plan.model_args, plan.ds_config) else 1)
+    if distiller.needs_teacher:
+        flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_kd)
+    return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares)
+
+
+def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
+    return job.flops_per_token * tokens / job.world / max(seconds, 1e-9) / 1e12
+
+
+def train(job: Job) -> None:
+    """Run optimizer steps up to ``--max_steps``: log every term, throughput and memory to TensorBoard
+    and train_log.jsonl (rank 0), show a tqdm bar, save checkpoints every ``--save_steps`` and at the end."""
+    from deepspeed.accelerator import get_accelerator
+    from tqdm.auto import tqdm
+
+    from .checkpoint import save_checkpoint
+    from .metrics import MetricLogger
+
+    t, state, student = job.plan.train_args, job.state, job.distiller.student
+    seq = job.plan.data_args.max_seq_length
+    logger = MetricLogger(job.out / "runs", job.out / "train_log.jsonl")
+    bar = tqdm(total=t.max_steps, initial=state.step, desc=job.plan.launcher.name, disable=job.rank != 0, dynamic_ncols=True)
+    while state.step < t.max_steps:
+        start = time.perf_counter()
+        m = job.distiller.train_step(job.micro_batches)
+        seconds = time.perf_counter() - start
+        state.step += 1
+        tokens = m.pop("tokens") * job.world
+        state.train_seconds += seconds
+        state.train_tokens += tokens
+        payload = {f"train/{k}" if k.startswith(("loss/", "fcd/")) else k: v for k, v in m.items()}
+        samples = job.plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world
+        payload.update({
+            "train/lr": student.get_lr()[0],
+            "perf/tokens_per_second": tokens / seconds,
+            "perf/tokens_per_second_per_device": tokens / seconds / job.world,
+            "perf/samples_per_second": samples / seconds,
+            "perf/step_seconds": seconds,
+            "perf/tflops_per_device": _tflops_per_device(job, samples * seq, seconds),
+            "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
+        })
+        if t.peak_tflops:
+            payload["perf/mfu"] = payload["perf/tflops_per_device"] / t.peak_tflops
+        if state.step % t.logging_steps == 0 or state.step == t.max_steps:
+            logger.log_dict(state.step, payload)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss/total']:.3f}", tok_s=f"{tokens / seconds:.0f}")
+        if state.step == t.max_steps or (t.save_steps and state.step % t.save_steps == 0):
+            state.data_position = job.micro_batches.position
+            save_checkpoint(student, job.out, state.step, asdict(state))
+    bar.close()
+    logger.close()
+
+
+def evaluate(job: Job) -> dict:
+    """Final held-out metrics of the student; returns the run's metrics (``teacher_eval_<m>``,
+    ``student_eval_<m>_initial``, ``student_eval_<m>``). Collective."""
+    job.state.metrics.update(_prefixed("student", job.distiller.evaluate("student", job.eval_set)))
+    return job.state.metrics
+
+
+def save(job: Job, metrics: dict) -> dict:
+    """Export the trained model (``student/`` or ``model/``, with its model card) and write metrics.json
+    (rank 0) and the final eval scalars to TensorBoard. Collective. Returns the full metrics."""
+    from .checkpoint import export_student
+    from .layer_map import layer_map_to_str
+    from .metrics import MetricLogger
+    from .model_card import model_card
+
+    plan, state = job.plan, job.state
+    student = job.distiller.student
+    seq = plan.data_args.max_seq_length
+    padded_tokens = state.step * plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world * seq
+    metrics = {**metrics,
+               "steps": state.step,
+               "train_tokens": state.train_tokens,
+               "train_seconds": state.train_seconds,
+               "train_tokens_per_second": state.train_tokens / max(state.train_seconds, 1e-9),
+               "train_tflops_per_device": _tflops_per_device(job, padded_tokens, state.train_seconds),
+               "world_size": job.world,
+               "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0),
+               "teacher_param_shard_numel_per_rank": job.teacher_shares,
+               "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
+               "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
+    export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
+    logger = MetricLogger(job.out / "runs")
+    logger.log_dict(state.step, {f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)})
+    logger.close()
+    if job.rank == 0:
+        (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(json.dumps({k: v for k, v in metrics.items() if "_eval_" in k or k in ("train_tokens_per_second", "steps")}))
+    return metrics
+
+
+def finish(code: int = 0, exc: UsageError | None = None) -> int:
+    """Report ``exc`` (if any) as one line on rank 0, destroy the process group, return the exit status
+    (2 for a usage error)."""
+    import torch.distributed as dist
+
+    if exc is not None:
+        code = usage_error(exc)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
