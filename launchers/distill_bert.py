@@ -17,9 +17,6 @@ launchers/finetune_teacher.py. ``--resume`` continues a run; ``--help`` lists ev
 
 from __future__ import annotations
 
-import os
-import sys
-
 from fcd_ds import defaults, trainer
 from fcd_ds.config import parse_args
 from fcd_ds.errors import UsageError
@@ -46,10 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is written and the process group destroyed: leave without the interpreter's teardown.
-    # Seen here (gloo on CPU, torch 2.13): a rank occasionally aborted during that teardown with
-    # "terminate called without an active exception" after a complete run, turning success into exit 250.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    trainer.exit_now(main())
