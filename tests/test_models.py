@@ -92,3 +92,25 @@ def test_different_tokenizers_are_refused(tiny_models, tokenizer_dir):
     other = PreTrainedTokenizerFast(tokenizer_object=tok)
     with pytest.raises(UsageError, match="--student: its tokenizer differs"):
         check_same_tokenizer(same, other)
+
+
+def test_pruning_a_bare_encoder_into_a_classifier_copies_the_encoder_and_starts_a_fresh_head(tmp_path):
+    """A plain BertModel checkpoint (keys without the ``bert.`` prefix, no classifier) pruned into a
+    2-block AutoModelForSequenceClassification: every encoder tensor comes from the teacher's blocks 0 and
+    3; only the classifier is new (as from_pretrained does)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    AutoModel.from_config(cfg).save_pretrained(tmp_path / "bare")
+    teacher = AutoModel.from_pretrained(tmp_path / "bare")
+    student = prune_teacher(str(tmp_path / "bare"), load_config(str(tmp_path / "bare"), "--teacher"), 2, torch.float32,
+                            AutoModelForSequenceClassification, {"num_labels": 3})
+    assert student.config.num_labels == 3 and student.classifier.out_features == 3
+    t_sd = teacher.state_dict()
+    for key, value in student.bert.state_dict().items():
+        source = key
+        if key.startswith("encoder.layer."):
+            index, rest = key[len("encoder.layer."):].split(".", 1)
+            source = f"encoder.layer.{[0, 3][int(index)]}.{rest}"
+        assert torch.equal(value, t_sd[source]), key
