@@ -86,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher_steps", type=int, default=60, help="teacher fine-tuning steps (T)")
     parser.add_argument("--steps", type=int, default=60, help="student distillation steps (S)")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="peak learning rate of both runs (default: the launchers', 5e-5 / 1e-4, tuned for pretrained models)")
     parser.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU: processes)")
     parser.add_argument("--out", default="outputs/bench_roberta_random", help="run folder (overwritten)")
     args = parser.parse_args()
@@ -93,14 +95,15 @@ def main() -> None:
     from fcd_ds.metrics import measure_matmul_tflops
 
     root = REPO / args.out
+    lr = ["--learning_rate", args.learning_rate] if args.learning_rate else []
     init = build_roberta(root / "init")
     peak = measure_matmul_tflops()
     print(f"measured fp32 matmul rate: {peak * 1e3:.0f} GFLOP/s", flush=True)
     tm, twall = launch("finetune_teacher", root / "teacher",
-                       ["--model_name_or_path", init, "--max_seq_length", MAX_SEQ_LENGTH, "--max_steps", args.teacher_steps, "--seed", 0],
+                       ["--model_name_or_path", init, "--max_seq_length", MAX_SEQ_LENGTH, "--max_steps", args.teacher_steps, "--seed", 0, *lr],
                        args.num_gpus)
     sm, swall = launch("distill_roberta", root / "student",
-                       ["--teacher", root / "teacher" / "model", "--max_seq_length", MAX_SEQ_LENGTH, "--max_steps", args.steps],
+                       ["--teacher", root / "teacher" / "model", "--max_seq_length", MAX_SEQ_LENGTH, "--max_steps", args.steps, *lr],
                        args.num_gpus)
 
     def rate(m: dict) -> str:
