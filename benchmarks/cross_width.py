@@ -23,17 +23,14 @@ appended to benchmarks/RESULTS.md. Measures, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 EVAL_SAMPLES = 32
 STUDENT = {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
 
@@ -59,16 +56,6 @@ def num_params(config_path: Path) -> int:
     with torch.device("meta"):
         model = AutoModel.from_config(AutoConfig.from_pretrained(config_path))
     return sum(p.numel() for p in model.parameters())
-
-
-def launch(launcher: str, out: Path, flags: list, num_gpus: int) -> tuple[dict, float]:
-    """Run a launcher afresh in ``out``; returns (metrics, wall seconds)."""
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), f"launchers/{launcher}.py", *map(str, flags),
-           "--output_dir", str(out), "--overwrite_output_dir"]
-    print("+", shlex.join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
 
 
 def main() -> None:

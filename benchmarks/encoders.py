@@ -22,15 +22,12 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 METHODS = {"task loss + FCD": [], "task loss only (no distillation)": ["--fcd_weight", "0"]}
 
 
@@ -44,18 +41,6 @@ def task_flags(task: str) -> list[str]:
                 "--per_device_train_batch_size", "16"]
     return ["--train_file", a.bbc_topics_train, "--validation_file", a.bbc_topics_validation, "--max_seq_length", "128",
             "--per_device_train_batch_size", "8"]
-
-
-def launch(launcher: str, out: Path, flags: list, num_gpus: int) -> tuple[dict, float]:
-    """Run a launcher unless ``out`` already holds its metrics.json; returns (metrics, wall seconds or nan)."""
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text()), float("nan")
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), f"launchers/{launcher}.py", "--output_dir", str(out),
-           *(["--overwrite_output_dir"] if out.exists() else []), *map(str, flags)]
-    print("+", shlex.join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
 
 
 def mean_std(values: list[float]) -> str:
@@ -87,14 +72,15 @@ def main() -> None:
             teacher_metrics = json.loads((default.parent / "metrics.json").read_text())
         else:
             teacher_metrics, _ = launch("finetune_teacher", root / task / "teacher",
-                                        [*data, "--max_steps", args.teacher_steps, "--seed", 0], args.num_gpus)
+                                        [*data, "--max_steps", args.teacher_steps, "--seed", 0], args.num_gpus, reuse=True)
             teacher = root / task / "teacher" / "model"
         results = {m: [] for m in METHODS}
         for seed in args.seeds:
             for method, extra in METHODS.items():
                 name = "fcd" if not extra else "ce_only"
                 m, wall = launch("distill_bert", root / task / f"{name}_seed{seed}",
-                                 ["--teacher", teacher, *data, "--max_steps", args.steps, "--seed", seed, *extra], args.num_gpus)
+                                 ["--teacher", teacher, *data, "--max_steps", args.steps, "--seed", seed, *extra], args.num_gpus,
+                                 reuse=True)
                 results[method].append((seed, m, wall))
         sections.append((task, teacher, teacher_metrics, results))
 

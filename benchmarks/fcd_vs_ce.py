@@ -11,27 +11,14 @@ benchmarks/RESULTS.md with the command that produced it. Measures, asserts nothi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 VARIANTS = {"FCD + CE (default)": [], "CE only (--fcd_weight 0)": ["--fcd_weight", "0"]}
-
-
-def run(variant_args: list[str], extra: list[str], out: Path, num_gpus: int) -> tuple[dict, float]:
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "launchers/distill_gpt.py", "--output_dir", str(out),
-           "--overwrite_output_dir", *extra, *variant_args]
-    print("+", shlex.join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
 
 
 def main() -> None:
@@ -42,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name, variant in VARIANTS.items():
-        metrics, wall = run(variant, args.extra, REPO / args.out / name.split()[0].lower(), args.num_gpus)
+        metrics, wall = launch("distill_gpt", REPO / args.out / name.split()[0].lower(), [*args.extra, *variant], args.num_gpus)
         rows.append((name, metrics, wall))
     command = shlex.join(["python", "benchmarks/fcd_vs_ce.py", *sys.argv[1:]])
     lines = [

@@ -23,17 +23,14 @@ not distillation quality. Measures, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 MAX_SEQ_LENGTH = 64
 SHAPE = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}
 
@@ -70,16 +67,6 @@ def build_roberta(out: Path, seed: int = 0, max_seq_length: int = MAX_SEQ_LENGTH
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def launch(launcher: str, out: Path, flags: list, num_gpus: int) -> tuple[dict, float]:
-    """Run a launcher afresh in ``out``; returns (metrics, wall seconds)."""
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), f"launchers/{launcher}.py", *map(str, flags),
-           "--output_dir", str(out), "--overwrite_output_dir"]
-    print("+", shlex.join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .losses import SEQUENCE_RELATIONS
+from .tasks import TASK_NAMES
 
 __all__ = [
     "ModelArguments",
@@ -21,7 +22,6 @@ __all__ = [
     "DEFAULT_DS_CONFIG",
 ]
 
-TASK_NAMES = ("causal_lm", "masked_lm", "sequence_classification")  # fcd_ds.tasks.TASK_NAMES
 # ds_configs/ ships as package data (fcd_ds/ds_configs in an installed wheel); a source checkout or an
 # editable install reads the repository's top-level folder.
 _PACKAGED = Path(__file__).resolve().parent / "ds_configs"

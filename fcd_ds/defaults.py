@@ -23,7 +23,7 @@ def default_bert_teacher() -> Path:
     return assets_home() / BERT_TEACHER_RUN / "model"
 
 
-def _text_data(model_args, data_args) -> None:
+def _text_data(data_args) -> None:
     if data_args.train_file is None:
         if data_args.validation_file is not None:
             raise UsageError("--validation_file: given without --train_file; pass both, or neither for the default corpus")
@@ -32,22 +32,20 @@ def _text_data(model_args, data_args) -> None:
 
 
 def _rotten_tomatoes(data_args) -> None:
-    if data_args.train_file is None and data_args.dataset_name is None:
+    if data_args.task != "sequence_classification":  # task-agnostic: raw English text
+        _text_data(data_args)
+    elif data_args.train_file is None and data_args.dataset_name is None:
         if data_args.validation_file is not None:
             raise UsageError("--validation_file: given without --train_file; pass both, or neither for the default data")
-        if data_args.task == "sequence_classification":
-            assets = prepare_encoder_assets()
-            data_args.train_file = str(assets.rotten_tomatoes_train)
-            data_args.validation_file = str(assets.rotten_tomatoes_validation)
-        else:  # task-agnostic: raw English text
-            assets = prepare_default_assets()
-            data_args.train_file, data_args.validation_file = str(assets.train_file), str(assets.validation_file)
+        assets = prepare_encoder_assets()
+        data_args.train_file = str(assets.rotten_tomatoes_train)
+        data_args.validation_file = str(assets.rotten_tomatoes_validation)
 
 
 def _gpt(model_args, data_args) -> None:
     if model_args.teacher is None:
         model_args.teacher = str(prepare_default_assets().teacher)
-    _text_data(model_args, data_args)
+    _text_data(data_args)
 
 
 def _bert(model_args, data_args) -> None:

@@ -50,6 +50,7 @@ class Job:
     state: TrainState
     flops_per_token: float
     teacher_shares: list | None
+    logger: object  # fcd_ds.metrics.MetricLogger: TensorBoard + train_log.jsonl (rank 0), closed by save()
 
 
 def usage_error(exc: UsageError) -> int:
@@ -83,7 +84,7 @@ def setup(plan) -> Job:
     from .distributed import main_process_first, release_deepspeed_shm_buffer
     from .engine import DistillEngine
     from .layer_map import layer_map_to_str
-    from .metrics import transformer_flops_per_token
+    from .metrics import MetricLogger, transformer_flops_per_token
 
     deepspeed.init_distributed()
     release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
@@ -136,7 +137,8 @@ def setup(plan) -> Job:
         4 / 3 if uses_activation_checkpointing(plan.model_args, plan.ds_config) else 1)
     if distiller.needs_teacher:
         flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_kd)
-    return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares)
+    logger = MetricLogger(out / "runs", out / "train_log.jsonl")
+    return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger)
 
 
 def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
@@ -150,11 +152,9 @@ def train(job: Job) -> None:
     from tqdm.auto import tqdm
 
     from .checkpoint import save_checkpoint
-    from .metrics import MetricLogger
 
-    t, state, student = job.plan.train_args, job.state, job.distiller.student
+    t, state, student, logger = job.plan.train_args, job.state, job.distiller.student, job.logger
     seq = job.plan.data_args.max_seq_length
-    logger = MetricLogger(job.out / "runs", job.out / "train_log.jsonl")
     bar = tqdm(total=t.max_steps, initial=state.step, desc=job.plan.launcher.name, disable=job.rank != 0, dynamic_ncols=True)
     while state.step < t.max_steps:
         start = time.perf_counter()
@@ -185,7 +185,6 @@ def train(job: Job) -> None:
             state.data_position = job.micro_batches.position
             save_checkpoint(student, job.out, state.step, asdict(state))
     bar.close()
-    logger.close()
 
 
 def evaluate(job: Job) -> dict:
@@ -200,7 +199,6 @@ def save(job: Job, metrics: dict) -> dict:
     (rank 0) and the final eval scalars to TensorBoard. Collective. Returns the full metrics."""
     from .checkpoint import export_student
     from .layer_map import layer_map_to_str
-    from .metrics import MetricLogger
     from .model_card import model_card
 
     plan, state = job.plan, job.state
@@ -219,9 +217,8 @@ def save(job: Job, metrics: dict) -> dict:
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
     export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
-    logger = MetricLogger(job.out / "runs")
-    logger.log_dict(state.step, {f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)})
-    logger.close()
+    job.logger.log_dict(state.step, {f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)})
+    job.logger.close()
     if job.rank == 0:
         (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(json.dumps({k: v for k, v in metrics.items() if "_eval_" in k or k in ("train_tokens_per_second", "steps")}))
