@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .ds_config import bf16_enabled, teacher_ds_config, zero_stage
 from .models import load_config, load_model, prune_teacher
+from .projections import attach_hidden_projection
 
 __all__ = [
     "model_dtype",
@@ -54,13 +55,15 @@ def _enable_activation_checkpointing(model, ds_cfg: dict) -> None:
     model.config.use_cache = False
 
 
-def build_student_engine(model_args, teacher_path: str | None, teacher_config, ds_cfg: dict, task):
+def build_student_engine(model_args, teacher_path: str | None, teacher_config, ds_cfg: dict, task, projection_width: int | None = None):
     """Student model (pretrained, fresh from a config, or depth-pruned teacher) wrapped by ``deepspeed.initialize``.
 
     Args:
         model_args: :class:`~fcd_ds.config.ModelArguments` with exactly one student source set.
         teacher_path: teacher folder (for pruning). teacher_config: its config. ds_cfg: resolved JSON.
         task: the :class:`~fcd_ds.tasks.Task`: its Auto class and config updates (labels) build the model.
+        projection_width: hidden-MSE is on: the teacher's width, which the student's hidden states are
+            projected to by a learned linear layer (:mod:`fcd_ds.projections`) when it differs from the student's.
 
     Returns:
         The student ``DeepSpeedEngine`` (optimizer and LR scheduler inside).
@@ -82,6 +85,8 @@ def build_student_engine(model_args, teacher_path: str | None, teacher_config, d
         model = prune_teacher(teacher_path, teacher_config, model_args.student_num_layers, dtype, task.auto_class, updates)
     del hf_ds  # later models are built whole unless they ask for ZeRO-3 themselves
     model.config.use_cache = False
+    if projection_width is not None:
+        attach_hidden_projection(model, model.config.hidden_size, projection_width)
     if uses_activation_checkpointing(model_args, ds_cfg):
         _enable_activation_checkpointing(model, ds_cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg)

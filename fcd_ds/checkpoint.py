@@ -151,6 +151,8 @@ def export_student(engine, tokenizer, dest: str | Path, model_card: str | None =
     import deepspeed
     import torch.distributed as dist
 
+    from .projections import export_state_dict
+
     module = engine.module
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
@@ -159,7 +161,7 @@ def export_student(engine, tokenizer, dest: str | Path, model_card: str | None =
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             module.config.use_cache = True
-            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            state = export_state_dict(module)  # without the training-only hidden-MSE projection
             module.save_pretrained(tmp, state_dict=state)
             module.config.use_cache = False
             tokenizer.save_pretrained(tmp)

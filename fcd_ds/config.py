@@ -16,6 +16,7 @@ __all__ = [
     "FinetuneModelArguments",
     "DataArguments",
     "DistillArguments",
+    "LOSS_TERMS",
     "TrainArguments",
     "parse_args",
     "DS_CONFIG_DIR",
@@ -113,32 +114,88 @@ class DataArguments:
             raise UsageError("--dataset_name: hub datasets are read for --task sequence_classification only; pass --train_file")
 
 
+LOSS_TERMS = ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")
+"""Loss terms ``--loss`` can combine: the task loss and five distillation methods (see :class:`DistillArguments`)."""
+
+# Used when --loss is not given: the task loss plus FCD, each other term off unless its weight is given.
+_DEFAULT_WEIGHTS = {"ce": 1.0, "fcd": 1.0, "kd": 0.0, "hidden_mse": 0.0, "minilm": 0.0, "dist": 0.0}
+
+
 @dataclass
 class DistillArguments:
-    """Loss terms. Total = ce_weight * CE + fcd_weight * FCD + kd_weight * KD; a weight of 0 switches its term off."""
+    """Loss terms. ``total = sum over terms of <term>_weight * term``; a weight of 0 switches its term off.
 
-    layer_map: str = field(default="uniform", metadata={"help": "'uniform', 'last' or 'student:teacher[@weight],...' (0-based blocks)."})
-    fcd_weight: float = field(default=1.0, metadata={"help": "Weight of the FCD term (weighted mean over layer pairs)."})
+    ``--loss`` names the terms of a run, joined by ``+`` (``ce+fcd``, ``ce+kd+hidden_mse``, ``fcd``): each
+    named term gets weight 1 unless ``--<term>_weight`` says otherwise, and every other term is off (giving
+    a weight to a term not named is an error). Without ``--loss``, the weights alone decide, with
+    ``ce`` and ``fcd`` at 1 and the rest at 0 by default. After ``__post_init__`` every ``<term>_weight``
+    holds the resolved float.
+
+    Terms: ``ce`` the task loss on the data; ``fcd`` Feature Correlation Distillation (Huang, Guo, Wang,
+    NeurIPS 2023) on the ``--layer_map`` blocks; ``kd`` logit KD (Hinton et al., 2015); ``hidden_mse``
+    MSE between ``--layer_map`` block outputs through a learned projection (TinyBERT, BERT-PKD);
+    ``minilm`` MiniLMv2 query/key/value self-attention relations on the ``--minilm_layer_map`` blocks;
+    ``dist`` DIST's inter- and intra-class Pearson relations on the logits (Huang et al., NeurIPS 2022).
+    """
+
+    loss: str | None = field(default=None, metadata={"help": f"Loss terms joined by '+', from {LOSS_TERMS}, e.g. 'ce+fcd' or 'kd+hidden_mse'. Default: weights decide (ce+fcd)."})
+    layer_map: str = field(default="uniform", metadata={"help": "Blocks matched by fcd and hidden_mse: 'uniform', 'last', 'pruned' (each pruned student block with the teacher block it was copied from) or 'student:teacher[@weight],...' (0-based)."})
+    ce_weight: float | None = field(default=None, metadata={"help": "Weight of the task loss on the data (next-token or masked-LM cross-entropy, classification CE, regression MSE)."})
+    fcd_weight: float | None = field(default=None, metadata={"help": "Weight of the FCD term (weighted mean over layer pairs)."})
+    kd_weight: float | None = field(default=None, metadata={"help": "Weight of logit KD (KL at temperature on the heads' logits; MSE for regression); needs the teacher's head."})
+    hidden_mse_weight: float | None = field(default=None, metadata={"help": "Weight of hidden-state MSE (mean over layer pairs; learned projection when widths differ, not exported)."})
+    minilm_weight: float | None = field(default=None, metadata={"help": "Weight of MiniLMv2 attention relations (QQ + KK + VV KL, mean over --minilm_layer_map pairs)."})
+    dist_weight: float | None = field(default=None, metadata={"help": "Weight of DIST (inter- + intra-class Pearson relations of the heads' probabilities); needs the teacher's head."})
     fcd_alpha: float = field(default=1.0, metadata={"help": "Weight of FCD's token-level relation term."})
     fcd_beta: float = field(default=1.0, metadata={"help": "Weight of FCD's sequence-level relation term."})
     fcd_sequence_relation: str = field(default="position", metadata={"help": f"Sequence relation: one of {SEQUENCE_RELATIONS}."})
     fcd_global_batch: bool = field(default=True, metadata={"help": "All-gather features over data-parallel ranks for the sequence relation."})
     fcd_chunk_size: int = field(default=1024, metadata={"help": "Rows of the N x N token relation computed at once (memory bound)."})
-    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the task loss on the data (next-token or masked-LM cross-entropy, classification CE, regression MSE)."})
-    kd_weight: float = field(default=0.0, metadata={"help": "Weight of logit KD (KL at temperature on the heads' logits; MSE for regression); needs the teacher's head."})
     kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of logit KD."})
+    minilm_layer_map: str = field(default="last", metadata={"help": "Blocks matched by minilm (MiniLMv2: the student's last block with the teacher's last or an upper-middle one); same syntax as --layer_map."})
+    minilm_relation_heads: int | None = field(default=None, metadata={"help": "MiniLMv2 relation heads (must divide the query, key and value widths of both models). Default: the teacher's key/value head count."})
+    dist_temperature: float = field(default=1.0, metadata={"help": "Temperature of DIST (the paper's default: 1)."})
+    dist_inter_weight: float = field(default=1.0, metadata={"help": "DIST's beta: weight of the inter-class relation."})
+    dist_intra_weight: float = field(default=1.0, metadata={"help": "DIST's gamma: weight of the intra-class relation."})
 
     def __post_init__(self):
-        for name in ("fcd_weight", "fcd_alpha", "fcd_beta", "ce_weight", "kd_weight"):
+        self._resolve_weights()
+        for name in ("fcd_alpha", "fcd_beta", "dist_inter_weight", "dist_intra_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
-        _positive("kd_temperature", self.kd_temperature)
-        _positive("fcd_chunk_size", self.fcd_chunk_size)
+        for name in ("kd_temperature", "fcd_chunk_size", "minilm_relation_heads", "dist_temperature"):
+            _positive(name, getattr(self, name))
         if self.fcd_sequence_relation not in SEQUENCE_RELATIONS:
             raise UsageError(f"--fcd_sequence_relation: must be one of {SEQUENCE_RELATIONS}, got {self.fcd_sequence_relation!r}")
         if self.fcd_weight and not (self.fcd_alpha or self.fcd_beta):
             raise UsageError("--fcd_alpha and --fcd_beta are both 0; set one > 0, or --fcd_weight 0 to switch FCD off")
-        if not (self.ce_weight or self.fcd_weight or self.kd_weight):
-            raise UsageError("--ce_weight, --fcd_weight and --kd_weight are all 0; nothing to train")
+        if self.dist_weight and not (self.dist_inter_weight or self.dist_intra_weight):
+            raise UsageError("--dist_inter_weight and --dist_intra_weight are both 0; set one > 0, or drop dist from --loss")
+        if not any(self.weights.values()):
+            raise UsageError(f"every loss weight is 0 ({', '.join(f'--{t}_weight' for t in LOSS_TERMS)}); nothing to train")
+
+    def _resolve_weights(self) -> None:
+        given = {t: getattr(self, f"{t}_weight") for t in LOSS_TERMS}
+        for term, w in given.items():
+            _positive(f"{term}_weight", w, allow_zero=True)
+        if self.loss is None:
+            for term, w in given.items():
+                setattr(self, f"{term}_weight", _DEFAULT_WEIGHTS[term] if w is None else float(w))
+            return
+        named = [t.strip() for t in self.loss.split("+")]
+        unknown = [t for t in named if t not in LOSS_TERMS]
+        if unknown or not all(named):
+            raise UsageError(f"--loss: cannot read {self.loss!r}; join terms from {LOSS_TERMS} with '+', e.g. 'ce+fcd'")
+        if len(set(named)) != len(named):
+            raise UsageError(f"--loss: {self.loss!r} names a term twice; name each once")
+        for term, w in given.items():
+            if term not in named and w:
+                raise UsageError(f"--{term}_weight: {term} is not in --loss {self.loss}; add it (--loss {self.loss}+{term}) or drop the weight")
+            setattr(self, f"{term}_weight", (1.0 if w is None else float(w)) if term in named else 0.0)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``{term: weight}`` for every term of :data:`LOSS_TERMS` (0 = off)."""
+        return {t: getattr(self, f"{t}_weight") for t in LOSS_TERMS}
 
     @property
     def uses_fcd(self) -> bool:
@@ -147,8 +204,28 @@ class DistillArguments:
 
     @property
     def uses_kd(self) -> bool:
-        """Whether logit KD is on (it needs the teacher's LM head)."""
+        """Whether logit KD is on (it needs the teacher's head)."""
         return self.kd_weight > 0
+
+    @property
+    def uses_block_features(self) -> bool:
+        """Whether a term needs the ``--layer_map`` blocks' outputs (fcd, hidden_mse)."""
+        return self.fcd_weight > 0 or self.hidden_mse_weight > 0
+
+    @property
+    def uses_attention(self) -> bool:
+        """Whether a term needs queries, keys and values inside attention (minilm)."""
+        return self.minilm_weight > 0
+
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """Whether a term needs the teacher's head (kd, dist)."""
+        return self.kd_weight > 0 or self.dist_weight > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any distillation term is on (the teacher runs in training)."""
+        return any(w for t, w in self.weights.items() if t != "ce")
 
 
 @dataclass
@@ -176,7 +253,8 @@ class TrainArguments:
     def __post_init__(self):
         for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "peak_tflops"):
             _positive(name, getattr(self, name))
-        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps is not None and self.warmup_steps < 1:
+            raise UsageError(f"--warmup_steps: must be >= 1 (DeepSpeed's warm-up schedulers need a step; 1 is no warm-up), got {self.warmup_steps}")
         _positive("save_steps", self.save_steps, allow_zero=True)
         if self.resume and self.overwrite_output_dir:
             raise UsageError("--resume and --overwrite_output_dir contradict each other; pass one")
@@ -208,5 +286,5 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, f
         raise UsageError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags")
     if finetune:
         model, data, train = parsed
-        return model.as_model_arguments(), data, DistillArguments(fcd_weight=0.0, kd_weight=0.0), train
+        return model.as_model_arguments(), data, DistillArguments(loss="ce"), train
     return tuple(parsed)

@@ -1,32 +1,38 @@
 """The distillation engine: one optimizer step of student + frozen teacher, and held-out evaluation.
 
 Composition, not inheritance: :class:`DistillEngine` holds the student ``DeepSpeedEngine``, the
-teacher ``DeepSpeedEngine`` (or None: fine-tuning), the layer map, the loss settings and the task.
+teacher ``DeepSpeedEngine`` (or None: fine-tuning), the layer maps, the loss settings and the task.
 It never branches on the model kind: the task turns batches into model inputs, outputs into its loss,
 logit-KD and metrics (:mod:`fcd_ds.tasks`). DeepSpeed owns backward, gradient accumulation, clipping
 and the optimizer step (``engine.backward(loss); engine.step()`` per micro-batch, as DeepSpeedExamples'
 ``train_bert_ds.py``).
 
-Training loss per micro-batch::
+Training loss per micro-batch, every weight from :class:`~fcd_ds.config.DistillArguments` (0 = off)::
 
-    ce_weight * task loss + fcd_weight * sum_p w_p * (alpha * L_tok_p + beta * L_seq_p) / sum_p w_p
-                          + kd_weight * (task's logit KD, T^2 KL(teacher || student) at temperature T)
+    ce_weight * task loss
+    + fcd_weight * sum_p w_p * (alpha * L_tok_p + beta * L_seq_p) / sum_p w_p      (--layer_map pairs p)
+    + hidden_mse_weight * sum_p w_p * MSE(W h_s_p, h_t_p) / sum_p w_p              (--layer_map pairs p)
+    + minilm_weight * sum_q w_q * (KL_QQ + KL_KK + KL_VV)_q / sum_q w_q            (--minilm_layer_map pairs q)
+    + kd_weight * (task's logit KD, T^2 KL(teacher || student) at temperature T)
+    + dist_weight * DIST(student logits, teacher logits)
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .features import FeatureCapture
+from .features import AttentionCapture, FeatureCapture
 from .layer_map import LayerPair
-from .losses import causal_lm_loss, fcd_terms
+from .losses import causal_lm_loss, dist_loss, fcd_terms, hidden_mse_loss, minilm_loss
+from .projections import hidden_projection
 
-__all__ = ["DistillEngine", "causal_lm_loss"]
+__all__ = ["DistillEngine", "TeacherView", "causal_lm_loss"]
 
 
 def _sync() -> None:
@@ -35,24 +41,60 @@ def _sync() -> None:
     get_accelerator().synchronize()
 
 
+class TeacherView(NamedTuple):
+    """What one teacher forward gives the losses (no gradient)."""
+
+    features: dict  # {block: (B, N, C_t)} of the --layer_map blocks
+    attention: dict  # {block: (q, k, v)}, each (B, N, C_kind), of the --minilm_layer_map blocks
+    outputs: object  # the head's outputs (logits) when a logit term is on, else None
+
+
+def _recording(*captures):
+    stack = ExitStack()
+    for c in captures:
+        if c is not None:
+            stack.enter_context(c.recording())
+    return stack
+
+
+def _first_output_tensor(outputs) -> torch.Tensor | None:
+    for value in (outputs.values() if hasattr(outputs, "values") else outputs):
+        if torch.is_tensor(value) and value.requires_grad:
+            return value
+    return None
+
+
+def _pair_mean(pairs: list[LayerPair], values: list[torch.Tensor]) -> torch.Tensor:
+    return sum(p.weight * v for p, v in zip(pairs, values)) / sum(p.weight for p in pairs)
+
+
 class DistillEngine:
-    """Student engine + teacher engine + layer map + loss weights + task.
+    """Student engine + teacher engine + layer maps + loss weights + task.
 
     Args:
-        student: student ``DeepSpeedEngine`` (training). teacher: teacher ``DeepSpeedEngine`` (frozen), or
-            None for fine-tuning (then FCD and KD must be off).
-        pairs: the layer map (:class:`~fcd_ds.layer_map.LayerPair` list).
-        distill: :class:`~fcd_ds.config.DistillArguments`. task: a :class:`~fcd_ds.tasks.Task`.
+        student: student ``DeepSpeedEngine`` (training); a hidden-MSE projection, when the widths differ,
+            is a submodule of its model (:mod:`fcd_ds.projections`).
+        teacher: teacher ``DeepSpeedEngine`` (frozen), or None for fine-tuning (task loss only).
+        pairs: the ``--layer_map`` (:class:`~fcd_ds.layer_map.LayerPair` list) of fcd and hidden_mse.
+        distill: :class:`~fcd_ds.config.DistillArguments` (resolved weights). task: a :class:`~fcd_ds.tasks.Task`.
+        attention_pairs: the ``--minilm_layer_map`` of minilm.
     """
 
-    def __init__(self, student, teacher, pairs: list[LayerPair], distill, task):
+    def __init__(self, student, teacher, pairs: list[LayerPair], distill, task, attention_pairs: list[LayerPair] = ()):
         self.student = student
         self.teacher = teacher
         self.pairs = pairs
+        self.attention_pairs = list(attention_pairs)
         self.args = distill
         self.task = task
-        self.student_capture = FeatureCapture(student.module, [p.student for p in pairs]) if distill.uses_fcd else None
-        self.teacher_capture = FeatureCapture(teacher.module, [p.teacher for p in pairs]) if distill.uses_fcd else None
+        feats, attn = distill.uses_block_features, distill.uses_attention
+        self.student_capture = FeatureCapture(student.module, [p.student for p in pairs]) if feats else None
+        self.teacher_capture = FeatureCapture(teacher.module, [p.teacher for p in pairs]) if feats else None
+        self.student_attention = AttentionCapture(student.module, [p.student for p in self.attention_pairs]) if attn else None
+        self.teacher_attention = AttentionCapture(teacher.module, [p.teacher for p in self.attention_pairs]) if attn else None
+        self.projection = hidden_projection(student.module)
+        # Whether the student's head output feeds a loss; if not, a causal LM computes one position's logits.
+        self.student_logits = bool(distill.ce_weight or distill.uses_teacher_logits)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.student.device) for k, v in batch.items()}
@@ -60,58 +102,83 @@ class DistillEngine:
     @property
     def needs_teacher(self) -> bool:
         """Whether training runs the teacher at all (False for the task loss alone)."""
-        return self.teacher is not None and (self.args.uses_fcd or self.args.uses_kd)
+        return self.teacher is not None and self.args.uses_teacher
 
     @torch.no_grad()
-    def teacher_forward(self, batch: dict):
-        """Teacher features of the layer map's blocks, and the head's outputs only when logit KD is on
-        (otherwise the base model runs without the head). Returns ``({block: (B, N, C_t)}, outputs or None)``."""
+    def teacher_forward(self, batch: dict) -> TeacherView:
+        """Teacher block features and attention vectors that the losses need, and the head's outputs
+        only when a logit term (kd, dist) is on; otherwise the base model runs without the head."""
         inputs = self.task.model_inputs(batch)
-        capture = self.teacher_capture
-        with capture.recording() if capture is not None else nullcontext():
-            if self.args.uses_kd:
+        with _recording(self.teacher_capture, self.teacher_attention):
+            if self.args.uses_teacher_logits:
                 outputs = self.teacher(**inputs)
             else:
                 self.teacher.module.base_model(**inputs)
                 outputs = None
-        return (dict(capture.features) if capture is not None else {}), outputs
+        feats = dict(self.teacher_capture.features) if self.teacher_capture is not None else {}
+        attn = dict(self.teacher_attention.features) if self.teacher_attention is not None else {}
+        return TeacherView(feats, attn, outputs)
 
-    def losses(self, batch: dict, teacher_feats: dict, teacher_outputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Student forward and every loss term. Returns ``(total, terms)``; ``terms`` holds the unweighted
-        scalars: ``loss/ce`` (the task loss), ``loss/fcd``, ``loss/kd``, ``fcd/<pair>/token``, ``fcd/<pair>/sequence``."""
+    def losses(self, batch: dict, teacher: TeacherView | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student forward and every loss term that is on. Returns ``(total, terms)``; ``terms`` holds the
+        unweighted float32 scalars ``loss/<term>`` (``loss/ce`` is the task loss), per layer pair
+        ``fcd/<pair>/token``, ``fcd/<pair>/sequence``, ``hidden_mse/<pair>``, ``minilm/<pair>``, and ``loss/total``."""
         mask = batch["attention_mask"]
-        capture = self.student_capture
-        with capture.recording() if capture is not None else nullcontext():
-            outputs = self.student(**self.task.model_inputs(batch))
-        a = self.args
+        a, w = self.args, self.args.weights
+        with _recording(self.student_capture, self.student_attention):
+            outputs = self.student(**self.task.model_inputs(batch, logits=self.student_logits))
+        feats = self.student_capture.features if self.student_capture is not None else {}
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
-        if a.ce_weight:
+        used_outputs = False
+        if w["ce"]:
             task_loss = self.task.task_loss(outputs, batch)
             if task_loss is not None:
-                terms["loss/ce"] = task_loss
-                total = total + a.ce_weight * task_loss
-        if a.uses_fcd:
-            weighted, weight_sum = 0.0, sum(p.weight for p in self.pairs)
+                terms["loss/ce"], used_outputs = task_loss, True
+        if w["fcd"]:
+            values = []
             for p in self.pairs:
-                t = fcd_terms(
-                    capture.features[p.student],
-                    teacher_feats[p.teacher],
-                    mask,
-                    alpha=a.fcd_alpha,
-                    beta=a.fcd_beta,
-                    sequence_relation=a.fcd_sequence_relation,
-                    global_batch=a.fcd_global_batch,
-                    chunk_size=a.fcd_chunk_size,
-                )
+                t = fcd_terms(feats[p.student], teacher.features[p.teacher], mask, alpha=a.fcd_alpha, beta=a.fcd_beta,
+                              sequence_relation=a.fcd_sequence_relation, global_batch=a.fcd_global_batch, chunk_size=a.fcd_chunk_size)
                 terms[f"fcd/{p.name}/token"], terms[f"fcd/{p.name}/sequence"] = t.token, t.sequence
-                weighted = weighted + p.weight * (a.fcd_alpha * t.token + a.fcd_beta * t.sequence)
-            terms["loss/fcd"] = weighted / weight_sum
-            total = total + a.fcd_weight * terms["loss/fcd"]
-            capture.features = {}  # the graph keeps what backward needs
-        if a.uses_kd:
-            terms["loss/kd"] = self.task.kd_loss(outputs, teacher_outputs, batch, a.kd_temperature)
-            total = total + a.kd_weight * terms["loss/kd"]
+                values.append(a.fcd_alpha * t.token + a.fcd_beta * t.sequence)
+            terms["loss/fcd"] = _pair_mean(self.pairs, values)
+        if w["hidden_mse"]:
+            values = []
+            for p in self.pairs:
+                h_s = feats[p.student] if self.projection is None else self.projection(feats[p.student])  # (B, N, C_t)
+                terms[f"hidden_mse/{p.name}"] = hidden_mse_loss(h_s, teacher.features[p.teacher], mask)
+                values.append(terms[f"hidden_mse/{p.name}"])
+            terms["loss/hidden_mse"] = _pair_mean(self.pairs, values)
+        if w["minilm"]:
+            values = []
+            for p in self.attention_pairs:
+                terms[f"minilm/{p.name}"] = minilm_loss(self.student_attention.features[p.student], teacher.attention[p.teacher],
+                                                        mask, num_heads=a.minilm_relation_heads)
+                values.append(terms[f"minilm/{p.name}"])
+            terms["loss/minilm"] = _pair_mean(self.attention_pairs, values)
+        if w["kd"]:
+            terms["loss/kd"], used_outputs = self.task.kd_loss(outputs, teacher.outputs, batch, a.kd_temperature), True
+        if w["dist"]:
+            s_logits, sample_mask = self.task.distill_logits(outputs, batch)
+            t_logits, _ = self.task.distill_logits(teacher.outputs, batch)
+            terms["loss/dist"] = dist_loss(s_logits, t_logits, sample_mask, temperature=a.dist_temperature,
+                                           inter_weight=a.dist_inter_weight, intra_weight=a.dist_intra_weight)
+            used_outputs = True
+        for term, weight in w.items():
+            if weight and f"loss/{term}" in terms:
+                total = total + weight * terms[f"loss/{term}"]
+        if not used_outputs:
+            # DeepSpeed starts its backward bookkeeping (ZeRO's enter_backward, the accumulation boundary)
+            # from hooks on the forward's outputs; a loss of intermediate features alone would never fire
+            # them. A zero-weighted tie through the (one-position, when possible) output fires them.
+            tie = _first_output_tensor(outputs)
+            if tie is not None:
+                total = total + 0.0 * tie.float().sum()
+        if self.student_capture is not None:
+            self.student_capture.features = {}  # the graph keeps what backward needs
+        if self.student_attention is not None:
+            self.student_attention.features = {}
         terms["loss/total"] = total
         return total, terms
 
@@ -129,10 +196,10 @@ class DistillEngine:
             batch = self._to_device(next(micro_batches))
             _sync()
             t0 = time.perf_counter()
-            feats, t_outputs = self.teacher_forward(batch) if self.needs_teacher else ({}, None)
+            view = self.teacher_forward(batch) if self.needs_teacher else None
             _sync()
             t1 = time.perf_counter()
-            total, terms = self.losses(batch, feats, t_outputs)
+            total, terms = self.losses(batch, view)
             self.student.backward(total)
             _sync()
             t2 = time.perf_counter()
@@ -150,32 +217,32 @@ class DistillEngine:
     @torch.no_grad()
     def evaluate(self, which: str, batches: list[dict]) -> dict[str, float]:
         """Held-out metrics of ``"student"`` or ``"teacher"`` over every rank's ``batches`` (the task's
-        :meth:`~fcd_ds.tasks.Task.metrics` of the statistics gathered from all ranks), plus ``fcd``, the
-        student's held-out FCD loss against the teacher, when the task has no metric of its own (a
-        headless task-agnostic run). Collective.
+        :meth:`~fcd_ds.tasks.Task.metrics` of the statistics gathered from all ranks). When the task has no
+        metric of its own (a headless task-agnostic run), the student's held-out feature-level
+        distillation losses instead: ``fcd``, ``hidden_mse``, ``minilm`` (those that are on). Collective.
         """
         engine = self.student if which == "student" else self.teacher
         was_training = engine.module.training
         engine.eval()
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        fcd_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch FCD losses, batches)
-        held_out_fcd = not self.task.metric_names and which == "student" and self.student_capture is not None
+        held_out = [t for t in ("fcd", "hidden_mse", "minilm") if self.args.weights[t]]
+        held_out = held_out if not self.task.metric_names and which == "student" else []
+        sums = torch.zeros(len(held_out) + 1, dtype=torch.float64)  # (sum of each term over batches, batches)
         for batch in batches:
             batch = self._to_device(batch)
-            if held_out_fcd:
-                feats, _ = self.teacher_forward(batch)
-                _, terms = self.losses(batch, feats, None)
-                fcd_sum += torch.tensor([terms["loss/fcd"].item(), 1.0], dtype=torch.float64)
+            if held_out:
+                _, terms = self.losses(batch, self.teacher_forward(batch))
+                sums += torch.tensor([terms[f"loss/{t}"].item() for t in held_out] + [1.0], dtype=torch.float64)
                 continue
             outputs = engine(**self.task.model_inputs(batch))
             for k, v in self.task.eval_stats(outputs, batch).items():
                 collected[k].append(v.detach().cpu())
         if was_training:
             engine.train()
-        if held_out_fcd:
+        if held_out:
             if dist.is_initialized():
-                dist.all_reduce(fcd_sum)  # mean over ranks' batches (equal values under the global batch)
-            return {"fcd": (fcd_sum[0] / fcd_sum[1]).item()}
+                dist.all_reduce(sums)  # mean over ranks' batches
+            return {t: (sums[i] / sums[-1]).item() for i, t in enumerate(held_out)}
         local = {k: torch.cat(v) for k, v in collected.items()}
         if dist.is_initialized() and dist.get_world_size() > 1:
             parts = [None] * dist.get_world_size()

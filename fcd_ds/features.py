@@ -1,4 +1,5 @@
-"""Capture transformer-block outputs with forward hooks, addressed by block index (no model rewrite).
+"""Capture transformer-block outputs, and the queries, keys and values inside attention, with forward
+hooks addressed by block index (no model rewrite).
 
 As torchdistill's ``ForwardHookManager``: hooks on the selected blocks only, so a layer map that
 uses 3 of 30 blocks keeps 3 feature tensors, not 31 as ``output_hidden_states=True`` would.
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["find_blocks", "block_path", "FeatureCapture"]
+__all__ = ["find_blocks", "block_path", "FeatureCapture", "AttentionCapture", "attention_projections"]
 
 
 def block_path(model: nn.Module) -> str:
@@ -70,6 +71,92 @@ class FeatureCapture:
     def recording(self):
         """Record block outputs of the forward passes run inside this context; clears old ones first."""
         self.features = {}
+        self._on = True
+        try:
+            yield self
+        finally:
+            self._on = False
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# Projection module names inside a block, per attention style: separate q/k/v linears (Llama, Mistral,
+# Qwen, SmolLM: grouped KV heads give narrower k/v), BERT/RoBERTa/ELECTRA, MPNet; or one fused qkv
+# linear whose output is [q | k | v] along the channels (GPT-2's Conv1D ``c_attn``).
+_SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
+_FUSED_QKV = ("c_attn",)
+
+
+def attention_projections(block: nn.Module) -> tuple[list[nn.Module], bool]:
+    """The modules of one transformer block whose outputs are the attention queries, keys and values.
+
+    Returns:
+        ``([q, k, v], False)`` for separate projections, ``([qkv], True)`` for a fused one (GPT-2).
+
+    Raises:
+        ValueError: none of the known layouts (see ``_SEPARATE_QKV``) or more than one attention found.
+    """
+    named = dict(block.named_modules())
+    for names in _SEPARATE_QKV:
+        found = [[m for path, m in named.items() if path.rsplit(".", 1)[-1] == n] for n in names]
+        if all(len(f) == 1 for f in found):
+            return [f[0] for f in found], False
+    for name in _FUSED_QKV:
+        found = [m for path, m in named.items() if path.rsplit(".", 1)[-1] == name]
+        if len(found) == 1:
+            return found, True
+    raise ValueError(
+        f"cannot find the query/key/value projections in {type(block).__name__} (looked for "
+        f"{', '.join('/'.join(n) for n in _SEPARATE_QKV)} or fused {', '.join(_FUSED_QKV)}); MiniLM relations "
+        "do not support this architecture: drop minilm from --loss"
+    )
+
+
+class AttentionCapture:
+    """Keeps the attention queries, keys and values (projection outputs, before any rotary embedding)
+    of chosen blocks during a forward pass: ``features[block] = (q, k, v)``, each (B, N, C_kind).
+
+    Like :class:`FeatureCapture`, records only inside ``recording()``. A fused projection's output
+    (B, N, 3C) is split into three (B, N, C).
+
+    Raises:
+        ValueError: the model's attention layout is unknown (:func:`attention_projections`).
+    """
+
+    def __init__(self, model: nn.Module, block_indices: list[int]):
+        blocks = find_blocks(model)
+        self.features: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._parts: dict[int, dict[int, torch.Tensor]] = {}
+        self._on = False
+        self._handles = []
+        for i in sorted(set(block_indices)):
+            modules, fused = attention_projections(blocks[i])
+            for kind, module in enumerate(modules):
+                self._handles.append(module.register_forward_hook(self._hook(i, kind, fused)))
+
+    def _hook(self, index: int, kind: int, fused: bool):
+        def hook(_module, _inputs, output):
+            if not self._on:
+                return
+            if fused:
+                self.features[index] = tuple(output.chunk(3, dim=-1))  # (B, N, 3C) -> 3 x (B, N, C)
+                return
+            parts = self._parts.setdefault(index, {})
+            parts[kind] = output
+            if len(parts) == 3:
+                self.features[index] = (parts[0], parts[1], parts[2])
+                del self._parts[index]
+
+        return hook
+
+    @contextmanager
+    def recording(self):
+        """Record q, k, v of the forward passes run inside this context; clears old ones first."""
+        self.features, self._parts = {}, {}
         self._on = True
         try:
             yield self

@@ -36,6 +36,12 @@ def model_card(plan, metrics: dict, world_size: int) -> str:
         terms.append(f"{a.fcd_weight} x FCD (alpha {a.fcd_alpha}, beta {a.fcd_beta}, {a.fcd_sequence_relation} sequence relation)")
     if a.uses_kd:
         terms.append(f"{a.kd_weight} x logit KD (T = {a.kd_temperature})")
+    if a.hidden_mse_weight:
+        terms.append(f"{a.hidden_mse_weight} x hidden-state MSE (TinyBERT)")
+    if a.minilm_weight:
+        terms.append(f"{a.minilm_weight} x MiniLMv2 attention relations ({a.minilm_relation_heads} relation heads, map `{a.minilm_layer_map}`)")
+    if a.dist_weight:
+        terms.append(f"{a.dist_weight} x DIST (T = {a.dist_temperature})")
     data = d.dataset_name and f"{d.dataset_name} / {d.task_name}" or f"`{d.train_file}` (held out: `{d.validation_file or f'last {d.validation_split_percentage} %'}`)"
     rows = [
         ("task", f"`{task.name}`" + (f" ({', '.join(task.labels.names) or 'regression'})" if hasattr(task, "labels") else "")),
@@ -43,7 +49,7 @@ def model_card(plan, metrics: dict, world_size: int) -> str:
     ]
     if not finetune:
         rows += [("teacher", f"`{plan.teacher}` ({plan.teacher_config.num_hidden_layers} blocks x {plan.teacher_config.hidden_size})"),
-                 ("method", "FCD, Feature Correlation Distillation (Huang, Guo, Wang, NeurIPS 2023)" if a.uses_fcd else "logit KD / task loss"),
+                 ("method", "FCD, Feature Correlation Distillation (Huang, Guo, Wang, NeurIPS 2023)" if a.uses_fcd else f"--loss {'+'.join(t for t, w in a.weights.items() if w)}"),
                  ("loss", " + ".join(terms) or "-"),
                  ("layer map (student:teacher@weight)", f"`{','.join(f'{p.student}:{p.teacher}@{p.weight:g}' for p in plan.pairs) or '-'}`")]
     else:

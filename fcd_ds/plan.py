@@ -12,7 +12,7 @@ from .data import check_data_files
 from .ds_config import load_ds_config, resolve_ds_config
 from .errors import UsageError
 from .layer_map import LayerPair, parse_layer_map
-from .models import check_same_tokenizer, load_config, load_tokenizer, max_positions, pruned_student_config
+from .models import check_same_tokenizer, kept_teacher_blocks, load_config, load_tokenizer, max_positions, pruned_student_config
 from .tasks import CausalLMTask, MaskedLMTask, SequenceClassificationTask, has_mlm_head, read_label_spec
 from .tasks.classification import load_raw
 
@@ -29,7 +29,8 @@ class RunPlan:
     teacher_config: object | None
     student_config: object
     tokenizer: object
-    pairs: list[LayerPair]
+    pairs: list[LayerPair]  # --layer_map: fcd, hidden_mse
+    attention_pairs: list[LayerPair]  # --minilm_layer_map: minilm
     ds_config: dict
     model_args: object
     data_args: object
@@ -56,7 +57,7 @@ def _build_task(data_args, tokenizer, head_config):
 
 def _check_teacher_head(task, teacher_config, teacher: str, distill_args) -> None:
     """A classification teacher must be task-tuned on this label set; a headless MLM teacher trains by
-    distillation terms alone."""
+    feature-level terms alone; logit relations need a distribution over classes."""
     if isinstance(task, SequenceClassificationTask):
         archs = getattr(teacher_config, "architectures", None) or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -73,11 +74,48 @@ def _check_teacher_head(task, teacher_config, teacher: str, distill_args) -> Non
         generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
         if not task.labels.is_regression and not generic and tuple(names) != task.labels.names:
             raise UsageError(f"--teacher: its labels {names} differ from the data's {list(task.labels.names)}; fix --label_column or the teacher")
+        if task.labels.is_regression and distill_args.dist_weight:
+            raise UsageError("--dist_weight: DIST relates class distributions and a regression head has none; drop dist from --loss (use kd: MSE on predictions)")
     if isinstance(task, MaskedLMTask) and not task.mlm:
-        if distill_args.kd_weight:
-            raise UsageError(f"--kd_weight: the teacher {teacher} has no MLM head to distil logits from; set --kd_weight 0")
-        if not distill_args.fcd_weight:
-            raise UsageError(f"--fcd_weight: the teacher {teacher} has no MLM head, so FCD is the only loss; set --fcd_weight > 0")
+        for term in ("kd", "dist"):
+            if distill_args.weights[term]:
+                raise UsageError(f"--{term}_weight: the teacher {teacher} has no MLM head to distil logits from; drop {term} from --loss")
+        if not any(distill_args.weights[t] for t in ("fcd", "hidden_mse", "minilm")):
+            raise UsageError(f"--loss: the teacher {teacher} has no MLM head, so only fcd, hidden_mse or minilm can train; add one")
+
+
+def _attention_widths(cfg) -> tuple[int, int]:
+    """(query width, key/value width) of a config: heads x head_dim, fewer key/value heads under GQA."""
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads * head_dim, kv_heads * head_dim
+
+
+def _check_minilm(distill_args, teacher_config, student_config, task) -> None:
+    """Resolve ``--minilm_relation_heads`` (default: the teacher's key/value heads) and check it divides
+    every query/key/value width, and that both models' attention layout is one the capture knows
+    (checked on a meta-device copy: no memory, no weights read)."""
+    import torch
+
+    from .features import attention_projections, find_blocks
+
+    widths = [*_attention_widths(teacher_config), *_attention_widths(student_config)]
+    if distill_args.minilm_relation_heads is None:
+        distill_args.minilm_relation_heads = getattr(teacher_config, "num_key_value_heads", None) or teacher_config.num_attention_heads
+    r = distill_args.minilm_relation_heads
+    if any(w % r for w in widths):
+        raise UsageError(
+            f"--minilm_relation_heads: {r} does not divide the query/key/value widths {sorted(set(widths))} of teacher and student; "
+            "pick a common divisor"
+        )
+    for flag, cfg in (("--teacher", teacher_config), ("--student", student_config)):
+        with torch.device("meta"):
+            model = task.auto_class.from_config(cfg)
+        try:
+            attention_projections(find_blocks(model)[0])
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
 
 
 def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPlan:
@@ -107,7 +145,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
     if teacher is None:
         if isinstance(task, MaskedLMTask) and not task.mlm:
             raise UsageError(f"--model_name_or_path: {model_args.student} has no MLM head, so --task masked_lm has no loss to fine-tune on")
-        pairs = []
+        pairs, attention_pairs = [], []
     else:
         _check_teacher_head(task, teacher_config, teacher, distill_args)
         if model_args.student is not None:
@@ -123,7 +161,13 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
                 f"{flag}: vocab_size {student_config.vocab_size} is smaller than the teacher tokenizer's {len(tokenizer)} "
                 "tokens; the student must use the teacher's tokenizer"
             )
-        pairs = parse_layer_map(distill_args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
+        pruned_from = (kept_teacher_blocks(teacher_config.num_hidden_layers, model_args.student_num_layers)
+                       if model_args.student_num_layers is not None else None)
+        pairs = parse_layer_map(distill_args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers, pruned_from)
+        attention_pairs = (parse_layer_map(distill_args.minilm_layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers,
+                                           pruned_from, flag="--minilm_layer_map") if distill_args.uses_attention else [])
+        if distill_args.uses_attention:
+            _check_minilm(distill_args, teacher_config, student_config, task)
     models = (("--teacher", teacher_config), ("--student", student_config)) if teacher is not None else (("--model_name_or_path", student_config),)
     for flag, cfg in models:
         limit = max_positions(cfg)
@@ -140,6 +184,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         student_config=student_config,
         tokenizer=tokenizer,
         pairs=pairs,
+        attention_pairs=attention_pairs,
         ds_config=ds_config,
         model_args=model_args,
         data_args=data_args,

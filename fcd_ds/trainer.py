@@ -102,9 +102,10 @@ def setup(plan) -> Job:
     micro_batches = MicroBatches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True))
 
     # Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is.
-    student = build_student_engine(plan.model_args, plan.teacher, plan.teacher_config, plan.ds_config, task)
+    projection_width = plan.teacher_config.hidden_size if plan.distill_args.hidden_mse_weight else None
+    student = build_student_engine(plan.model_args, plan.teacher, plan.teacher_config, plan.ds_config, task, projection_width)
     teacher = build_teacher_engine(plan.teacher, plan.ds_config, task) if plan.teacher is not None else None
-    distiller = DistillEngine(student, teacher, plan.pairs, plan.distill_args, task)
+    distiller = DistillEngine(student, teacher, plan.pairs, plan.distill_args, task, plan.attention_pairs)
     teacher_shares = gather_param_shares(teacher.module) if teacher is not None else None
 
     # Resume (same data layout only), or measure the starting point.
@@ -133,10 +134,10 @@ def setup(plan) -> Job:
     dist.barrier()
 
     seq = d.max_seq_length
-    flops = transformer_flops_per_token(plan.student_config, seq, head=task.vocab_head, backward=True) * (
+    flops = transformer_flops_per_token(plan.student_config, seq, head=task.vocab_head and distiller.student_logits, backward=True) * (
         4 / 3 if uses_activation_checkpointing(plan.model_args, plan.ds_config) else 1)
     if distiller.needs_teacher:
-        flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_kd)
+        flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_teacher_logits)
     logger = MetricLogger(out / "runs", out / "train_log.jsonl")
     return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger)
 
@@ -164,7 +165,7 @@ def train(job: Job) -> None:
         tokens = m.pop("tokens") * job.world
         state.train_seconds += seconds
         state.train_tokens += tokens
-        payload = {f"train/{k}" if k.startswith(("loss/", "fcd/")) else k: v for k, v in m.items()}
+        payload = {k if k.startswith("time/") else f"train/{k}": v for k, v in m.items()}  # loss terms, per-pair terms
         samples = job.plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world
         payload.update({
             "train/lr": student.get_lr()[0],

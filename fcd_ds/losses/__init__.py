@@ -1,22 +1,30 @@
 """Distillation losses as pure functions ``(student, teacher, mask, **options) -> scalar``."""
 
 from .correlation import mean_one_minus_rho, pearson_correlation
+from .dist import dist_loss
 from .fcd import FCDTerms, fcd_loss, fcd_terms, sequence_loss, token_loss
+from .hidden_mse import hidden_mse_loss
 from .kd import logit_kd_loss
 from .lm import causal_lm_loss, masked_lm_loss
+from .minilm import attention_relation, minilm_loss, relation_kl
 from .relations import SEQUENCE_RELATIONS, normalize_tokens, sequence_relation, token_correlation, token_relation
 
 __all__ = [
     "FCDTerms",
     "SEQUENCE_RELATIONS",
+    "attention_relation",
     "causal_lm_loss",
+    "dist_loss",
     "fcd_loss",
     "fcd_terms",
+    "hidden_mse_loss",
     "logit_kd_loss",
     "masked_lm_loss",
     "mean_one_minus_rho",
+    "minilm_loss",
     "normalize_tokens",
     "pearson_correlation",
+    "relation_kl",
     "sequence_loss",
     "sequence_relation",
     "token_correlation",

@@ -40,5 +40,5 @@ def logit_kd_loss(
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, N, V)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (B, N)
-    w = mask.float()
-    return temperature**2 * (kl * w).sum() / w.sum().clamp(min=1.0)
+    keep = mask.bool()
+    return temperature**2 * torch.where(keep, kl, 0.0).sum() / keep.sum().clamp(min=1)

@@ -55,14 +55,19 @@ class Task(Protocol):
     def collate(self, rows: dict[str, torch.Tensor], *, train: bool) -> dict[str, torch.Tensor]:
         """Rows ``dataset[indices]`` -> a model batch (adds masks, masking, labels)."""
 
-    def model_inputs(self, batch: dict) -> dict:
-        """The keyword arguments of the model's forward."""
+    def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
+        """The keyword arguments of the model's forward; ``logits=False``: no loss reads the head's
+        output, so the task may ask for less of it (a causal LM computes one position's logits)."""
 
     def task_loss(self, outputs, batch: dict) -> torch.Tensor | None:
         """Loss on the data's own targets (float32 scalar), or None when the head cannot give one."""
 
     def kd_loss(self, student_outputs, teacher_outputs, batch: dict, temperature: float) -> torch.Tensor:
         """Logit distillation between the two heads' outputs (float32 scalar)."""
+
+    def distill_logits(self, outputs, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits (..., K), sample mask (...) or None)`` over which logit relations (DIST) are taken:
+        one sample per real token for language models, per sequence for classifiers."""
 
     def eval_stats(self, outputs, batch: dict) -> dict[str, torch.Tensor]:
         """Per-batch 1-D tensors, concatenated over batches and ranks and passed to :meth:`metrics`."""

@@ -33,14 +33,20 @@ class CausalLMTask:
         ids = rows["input_ids"]  # (B, N)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def model_inputs(self, batch: dict) -> dict:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if not logits:
+            inputs["logits_to_keep"] = 1  # the (B, N, V) logits would be computed for nothing
+        return inputs
 
     def task_loss(self, outputs, batch: dict) -> torch.Tensor:
         return causal_lm_loss(outputs.logits, batch["input_ids"], batch["attention_mask"])
 
     def kd_loss(self, student_outputs, teacher_outputs, batch: dict, temperature: float) -> torch.Tensor:
         return logit_kd_loss(student_outputs.logits, teacher_outputs.logits, batch["attention_mask"], temperature=temperature)
+
+    def distill_logits(self, outputs, batch: dict):
+        return outputs.logits, batch["attention_mask"]  # (B, N, V), (B, N)
 
     def eval_stats(self, outputs, batch: dict) -> dict:
         mask = batch["attention_mask"] * batch["example_mask"][:, None]  # (B, N): padding rows count nothing

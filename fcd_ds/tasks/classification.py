@@ -165,7 +165,7 @@ class SequenceClassificationTask:
     def collate(self, rows, *, train: bool) -> dict:
         return dict(rows)
 
-    def model_inputs(self, batch: dict) -> dict:
+    def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
     def task_loss(self, outputs, batch: dict) -> torch.Tensor:
@@ -181,6 +181,10 @@ class SequenceClassificationTask:
             return F.mse_loss(s, t)
         ones = torch.ones(s.shape[0], 1, device=s.device)  # (B, 1)
         return logit_kd_loss(s[:, None], t[:, None], ones, temperature=temperature)  # (B, 1, K)
+
+    def distill_logits(self, outputs, batch: dict):
+        """Class logits (B, K), one sample per sequence; regression has no distribution (refused by the plan)."""
+        return outputs.logits, None
 
     def eval_stats(self, outputs, batch: dict) -> dict:
         keep = batch["example_mask"].bool()  # (B,)

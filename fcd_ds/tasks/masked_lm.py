@@ -61,7 +61,7 @@ class MaskedLMTask:
         batch = masking([{"input_ids": row} for row in ids])  # input_ids masked, labels -100 where not
         return {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(ids), "labels": batch["labels"]}
 
-    def model_inputs(self, batch: dict) -> dict:
+    def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def task_loss(self, outputs, batch: dict) -> torch.Tensor | None:
@@ -69,6 +69,9 @@ class MaskedLMTask:
 
     def kd_loss(self, student_outputs, teacher_outputs, batch: dict, temperature: float) -> torch.Tensor:
         return logit_kd_loss(student_outputs.logits, teacher_outputs.logits, batch["attention_mask"], temperature=temperature)
+
+    def distill_logits(self, outputs, batch: dict):
+        return outputs.logits, batch["attention_mask"]  # (B, N, V), (B, N)
 
     def eval_stats(self, outputs, batch: dict) -> dict:
         if not self.mlm:
