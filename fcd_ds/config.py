@@ -247,6 +247,8 @@ class TrainArguments:
     seed: int = field(default=42, metadata={"help": "Seed of init, data order and dropout."})
     logging_steps: int = field(default=1, metadata={"help": "Log to TensorBoard every N steps."})
     save_steps: int = field(default=0, metadata={"help": "Save a DeepSpeed checkpoint every N steps (0: only at the end)."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the teacher and the untrained student before training (reported as teacher_eval_* and student_eval_*_initial)."})
+    eval_steps: int = field(default=0, metadata={"help": "Also evaluate the student every N steps (0: only at the end); logged as eval/* with the training seconds so far."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16 dense)."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
@@ -256,6 +258,7 @@ class TrainArguments:
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise UsageError(f"--warmup_steps: must be >= 1 (DeepSpeed's warm-up schedulers need a step; 1 is no warm-up), got {self.warmup_steps}")
         _positive("save_steps", self.save_steps, allow_zero=True)
+        _positive("eval_steps", self.eval_steps, allow_zero=True)
         if self.resume and self.overwrite_output_dir:
             raise UsageError("--resume and --overwrite_output_dir contradict each other; pass one")
 

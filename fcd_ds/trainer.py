@@ -115,6 +115,8 @@ def setup(plan) -> Job:
         state = TrainState(**saved)
         check_resume_layout(state.data_layout, layout)
         micro_batches.position = state.data_position
+    elif not t.eval_on_start:
+        state = TrainState(data_layout=layout)
     else:
         state = TrainState(data_layout=layout)
         if teacher is not None:
@@ -148,7 +150,8 @@ def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
 
 def train(job: Job) -> None:
     """Run optimizer steps up to ``--max_steps``: log every term, throughput and memory to TensorBoard
-    and train_log.jsonl (rank 0), show a tqdm bar, save checkpoints every ``--save_steps`` and at the end."""
+    and train_log.jsonl (rank 0), show a tqdm bar, evaluate every ``--eval_steps`` (not counted in the
+    training seconds), save checkpoints every ``--save_steps`` and at the end."""
     from deepspeed.accelerator import get_accelerator
     from tqdm.auto import tqdm
 
@@ -182,6 +185,9 @@ def train(job: Job) -> None:
             logger.log_dict(state.step, payload)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss/total']:.3f}", tok_s=f"{tokens / seconds:.0f}")
+        if t.eval_steps and state.step % t.eval_steps == 0 and state.step < t.max_steps:
+            scores = _prefixed("student", job.distiller.evaluate("student", job.eval_set))
+            logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in scores.items()}, "eval/train_seconds": state.train_seconds})
         if state.step == t.max_steps or (t.save_steps and state.step % t.save_steps == 0):
             state.data_position = job.micro_batches.position
             save_checkpoint(student, job.out, state.step, asdict(state))
@@ -218,7 +224,8 @@ def save(job: Job, metrics: dict) -> dict:
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
     export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
-    job.logger.log_dict(state.step, {f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)})
+    job.logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)},
+                                     "eval/train_seconds": state.train_seconds})
     job.logger.close()
     if job.rank == 0:
         (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

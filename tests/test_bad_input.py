@@ -48,12 +48,28 @@ CASES = {
     "two student sources": (["--student_config", "x.json"], "--student_config and --student_num_layers both choose"),
     "resume without checkpoint": (["--resume"], "--resume: no checkpoint"),
     "unknown flag": (["--fcd_wieght", "2"], "unknown argument(s) --fcd_wieght 2; see --help"),
+    "unknown loss term": (["--loss", "ce+fdc"], "--loss: cannot read 'ce+fdc'"),
+    "loss term twice": (["--loss", "ce+kd+kd"], "--loss: 'ce+kd+kd' names a term twice"),
+    "weight of a term not in --loss": (["--loss", "ce+fcd", "--kd_weight", "1"], "--kd_weight: kd is not in --loss ce+fcd; add it (--loss ce+fcd+kd)"),
+    "every weight zero": (["--loss", "ce+fcd", "--ce_weight", "0", "--fcd_weight", "0"], "every loss weight is 0"),
+    "pruned map without pruning": (["--layer_map", "pruned", "--loss", "ce+fcd"], None),
+    "minilm relation heads": (["--loss", "ce+minilm", "--minilm_relation_heads", "3"], "--minilm_relation_heads: 3 does not divide"),
+    "minilm layer map": (["--loss", "ce+minilm", "--minilm_layer_map", "5:0"], "--minilm_layer_map: student block 5 does not exist"),
+    "zero warm-up": (["--warmup_steps", "0"], "--warmup_steps: must be >= 1"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_flag(case, base_args, capsys, tmp_path):
     extra, message = CASES[case]
+    if message is None:  # a pruned map is valid for the pruned student of base_args: it must plan, not fail
+        from fcd_ds import defaults
+        from fcd_ds.config import parse_args
+        from fcd_ds.plan import plan_run
+
+        plan = plan_run(*parse_args([str(a) for a in base_args + extra], defaults.GPT.flags), defaults.GPT)
+        assert [(p.student, p.teacher) for p in plan.pairs] == [(0, 0), (1, 3)]  # kept_teacher_blocks(4, 2)
+        return
     code, err = run_main(base_args + extra, capsys)  # base_args already has --student_num_layers
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert not (tmp_path / "out").exists()

@@ -13,6 +13,16 @@ def test_uniform_pairs_each_student_block_with_the_end_of_its_teacher_segment():
     assert [(p.student, p.teacher) for p in parse_layer_map("uniform", 3, 3)] == [(0, 0), (1, 1), (2, 2)]
 
 
+def test_pruned_pairs_each_student_block_with_the_block_it_was_copied_from():
+    from fcd_ds.models import kept_teacher_blocks
+
+    kept = kept_teacher_blocks(30, 10)
+    assert kept == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert [(p.student, p.teacher) for p in parse_layer_map("pruned", 10, 30, kept)] == list(enumerate(kept))
+    with pytest.raises(UsageError, match="--minilm_layer_map pruned: the student is not depth-pruned"):
+        parse_layer_map("pruned", 10, 30, None, flag="--minilm_layer_map")
+
+
 def test_last_and_explicit_pairs_with_weights():
     assert parse_layer_map("last", 4, 12) == [LayerPair(3, 11)]
     pairs = parse_layer_map("3:11@2, 0:2", 4, 12)

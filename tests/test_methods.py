@@ -39,9 +39,21 @@ def max_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def ce_only(tiny_models, corpus, tmp_path_factory) -> Path:
+    """The task loss alone; also evaluated every 2 steps and not before training (--eval_on_start false)."""
     out = tmp_path_factory.mktemp("methods") / "ce"
-    assert_ok(run_launcher(run_args(tiny_models, corpus, out, "ce")))
+    assert_ok(run_launcher(run_args(tiny_models, corpus, out, "ce", DS_CONFIG_DIR / "zero2.json", "--eval_steps", 2,
+                                    "--eval_on_start", "false")))
     return out
+
+
+def test_intermediate_evaluation_is_logged_with_training_seconds(ce_only):
+    rows = [json.loads(line) for line in (ce_only / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/student_eval_perplexity" in r]
+    assert [r["step"] for r in evals] == [2, STEPS]
+    assert 0 < evals[0]["eval/train_seconds"] < evals[1]["eval/train_seconds"]
+    metrics = json.loads((ce_only / "metrics.json").read_text())
+    assert evals[1]["eval/student_eval_perplexity"] == pytest.approx(metrics["student_eval_perplexity"])
+    assert "teacher_eval_perplexity" not in metrics and "student_eval_perplexity_initial" not in metrics
 
 
 @pytest.mark.parametrize("loss", ["ce+kd", "ce+fcd", "ce+hidden_mse", "ce+minilm", "ce+dist"])
