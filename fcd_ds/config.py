@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UsageError
@@ -30,6 +31,14 @@ DS_CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().pa
 DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "zero2.json"
 
 
+def _finite(args) -> None:
+    """Refuse NaN and infinity in every float flag of a dataclass (they compare False with every bound)."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name}: must be a finite number, got {value}")
+
+
 def _positive(flag: str, value, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise UsageError(f"--{flag}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -52,6 +61,7 @@ class ModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the student's blocks."})
 
     def __post_init__(self):
+        _finite(self)
         given = [f for f in ("student", "student_config", "student_num_layers") if getattr(self, f) is not None]
         if len(given) > 1:
             raise UsageError(f"--{given[0]} and --{given[1]} both choose the student; pass only one")
@@ -94,6 +104,7 @@ class DataArguments:
     mlm_probability: float = field(default=0.15, metadata={"help": "masked_lm with an MLM head: fraction of tokens masked (BERT: 0.15)."})
 
     def __post_init__(self):
+        _finite(self)
         from .task_metrics import GLUE_TASK_KEYS
 
         if self.task not in TASK_NAMES:
@@ -159,6 +170,7 @@ class DistillArguments:
     dist_intra_weight: float = field(default=1.0, metadata={"help": "DIST's gamma: weight of the intra-class relation."})
 
     def __post_init__(self):
+        _finite(self)
         self._resolve_weights()
         for name in ("fcd_alpha", "fcd_beta", "dist_inter_weight", "dist_intra_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
@@ -253,6 +265,7 @@ class TrainArguments:
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
     def __post_init__(self):
+        _finite(self)
         for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "peak_tflops"):
             _positive(name, getattr(self, name))
         if self.warmup_steps is not None and self.warmup_steps < 1:

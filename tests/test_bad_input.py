@@ -56,6 +56,8 @@ CASES = {
     "minilm relation heads": (["--loss", "ce+minilm", "--minilm_relation_heads", "3"], "--minilm_relation_heads: 3 does not divide"),
     "minilm layer map": (["--loss", "ce+minilm", "--minilm_layer_map", "5:0"], "--minilm_layer_map: student block 5 does not exist"),
     "zero warm-up": (["--warmup_steps", "0"], "--warmup_steps: must be >= 1"),
+    "NaN weight": (["--fcd_weight", "nan"], "--fcd_weight: must be a finite number, got nan"),
+    "infinite learning rate": (["--learning_rate", "inf"], "--learning_rate: must be a finite number, got inf"),
 }
 
 
