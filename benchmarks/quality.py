@@ -1,6 +1,6 @@
 """Quality of every distillation method at equal steps and at equal training time, several seeds.
 
-    python benchmarks/quality.py            # full benchmark (sized for under 90 minutes on 2 CPU cores)
+    python benchmarks/quality.py            # full benchmark (about 85 minutes on 2 CPU cores, estimated from measured run costs)
     python benchmarks/quality.py --quick    # a 10-minute subset: Rotten Tomatoes, fewer steps
     python benchmarks/quality.py --tasks austen --seeds 1 2 3 --steps 40
 
@@ -12,8 +12,8 @@ student initialisation, data, steps and seeds; only ``--loss`` differs:
 
     none (the task loss alone, no teacher), ce+fcd, ce+kd, ce+hidden_mse, ce+minilm, ce+dist
 
-plus, on the tasks named by ``--variant_tasks``, FCD with the ``last`` and ``pruned`` layer maps and
-with (alpha, beta) = (1, 0) and (0, 1). The learning rate is constant after warm-up (DeepSpeed's
+plus, on the tasks named by ``--variant_tasks`` (default: Austen) and seeds ``--variant_seeds`` (default: the
+first), FCD with the ``last`` and ``pruned`` layer maps and with (alpha, beta) = (1, 0) and (0, 1). The learning rate is constant after warm-up (DeepSpeed's
 ``WarmupLR``), and the student is evaluated every ``steps / evals`` steps, so each evaluation is the
 result of a run stopped there. Equal time: every method is read at the last evaluation whose training
 seconds are within the fastest method's total (the mean over seeds), which for a slower method is an
@@ -202,20 +202,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "bbc_topics", "austen"], choices=["rotten_tomatoes", "bbc_topics", "austen"])
     parser.add_argument("--variant_tasks", nargs="*", default=["austen"], help="tasks that also run the layer-map and alpha/beta variants")
+    parser.add_argument("--variant_seeds", nargs="*", type=int, default=[1], help="seeds of the variants (all of --seeds: 12 GPT runs more)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods compared (fcd and none always run)")
     parser.add_argument("--steps", type=int, default=40, help="encoder student steps per run")
-    parser.add_argument("--austen_steps", type=int, default=30, help="GPT student steps per run (2 x 64 tokens each)")
-    parser.add_argument("--evals", type=int, default=4, help="evaluations per run, the last at the end (equal-time resolution)")
-    parser.add_argument("--austen_eval_blocks", type=int, default=64, help="held-out 64-token blocks of Northanger Abbey")
+    parser.add_argument("--austen_steps", type=int, default=24, help="GPT student steps per run (2 x 64 tokens each)")
+    parser.add_argument("--evals", type=int, default=3, help="evaluations per run, the last at the end (equal-time resolution)")
+    parser.add_argument("--austen_eval_blocks", type=int, default=32, help="held-out 64-token blocks of Northanger Abbey")
     parser.add_argument("--rt_eval_rows", type=int, default=600, help="held-out Rotten Tomatoes reviews (of 1,335) evaluated")
     parser.add_argument("--teacher_steps", type=int, default=200, help="encoder teacher fine-tuning steps (once per task; 200 = benchmarks/encoders.py's)")
     parser.add_argument("--num_gpus", type=int, default=1, help="ranks (CPU: processes)")
     parser.add_argument("--out", default="outputs/bench_quality", help="parent folder of every run (resumable)")
-    parser.add_argument("--quick", action="store_true", help="Rotten Tomatoes only, seeds 1 2, 30 steps, no variants (about 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="Rotten Tomatoes only, seeds 1 2, 20 steps, 300 held-out reviews, no variants (about 10 minutes)")
     args = parser.parse_args()
     if args.quick:
-        args.tasks, args.seeds, args.steps, args.variant_tasks, args.out = ["rotten_tomatoes"], args.seeds[:2], 30, [], args.out + "_quick"
+        args.tasks, args.seeds, args.steps, args.variant_tasks, args.out = ["rotten_tomatoes"], args.seeds[:2], 20, [], args.out + "_quick"
+        args.rt_eval_rows, args.evals = 300, 2
 
     from fcd_ds.metrics import measure_matmul_tflops
 
@@ -232,8 +234,11 @@ def main() -> None:
         if task.name in args.variant_tasks:
             arms.update(VARIANTS)
         runs = {m: [] for m in arms}
+        variant_seeds = args.variant_seeds or args.seeds
         for seed in args.seeds:
             for m, flags in arms.items():
+                if m in VARIANTS and seed not in variant_seeds:
+                    continue
                 out = root / task.name / f"{m.replace(' ', '_')}_seed{seed}"
                 # The teacher and the untrained student are evaluated once per task (identical in every run).
                 start_eval = "true" if (m, seed) == ("none", args.seeds[0]) else "false"
@@ -245,8 +250,9 @@ def main() -> None:
         teacher, before = first[f"teacher_eval_{task.metric}"], first[f"student_eval_{task.metric}_initial"]
         lines += table(task, s, teacher, before)
         if task.name in args.variant_tasks:
-            v = summarize(task, {"fcd": runs["fcd"], **{m: runs[m] for m in VARIANTS}})
-            lines += [f"\nLayer maps and (alpha, beta), {task.name} (FCD default: `uniform` map, alpha = beta = 1):\n"]
+            fcd_same_seeds = [d for d, seed in zip(runs["fcd"], args.seeds) if seed in variant_seeds]
+            v = summarize(task, {"fcd": fcd_same_seeds, **{m: runs[m] for m in VARIANTS}})
+            lines += [f"\nLayer maps and (alpha, beta), {task.name}, seeds {variant_seeds} (FCD default: `uniform` map, alpha = beta = 1):\n"]
             lines += table(task, v, teacher, before)[3:]
         tok_s = {m: np.mean([json.loads((d / "metrics.json").read_text())["train_tokens_per_second"] for d in dirs]) for m, dirs in main_runs.items()}
         lines.append("\nTrain tokens/s (mean over seeds): " + ", ".join(f"{m} {v:.0f}" for m, v in tok_s.items()) + ".\n")
