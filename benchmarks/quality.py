@@ -253,7 +253,7 @@ def main() -> None:
             fcd_same_seeds = [d for d, seed in zip(runs["fcd"], args.seeds) if seed in variant_seeds]
             v = summarize(task, {"fcd": fcd_same_seeds, **{m: runs[m] for m in VARIANTS}})
             lines += [f"\nLayer maps and (alpha, beta), {task.name}, seeds {variant_seeds} (FCD default: `uniform` map, alpha = beta = 1):\n"]
-            lines += table(task, v, teacher, before)[3:]
+            lines += table(task, v, teacher, before)[2:]
         tok_s = {m: np.mean([json.loads((d / "metrics.json").read_text())["train_tokens_per_second"] for d in dirs]) for m, dirs in main_runs.items()}
         lines.append("\nTrain tokens/s (mean over seeds): " + ", ".join(f"{m} {v:.0f}" for m, v in tok_s.items()) + ".\n")
         results.append((task, s))
