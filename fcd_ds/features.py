@@ -40,6 +40,29 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(block_path(model))
 
 
+class _HookSwitch:
+    """The forward-hook handles of a capture and whether its hooks record: both captures' on/off logic."""
+
+    def __init__(self):
+        self.on = False
+        self.handles = []
+
+    @contextmanager
+    def recording(self, clear):
+        """Call ``clear()`` (drop old records), then let the hooks record until the context exits."""
+        clear()
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 class FeatureCapture:
     """Keeps the output hidden states of chosen blocks during a forward pass.
 
@@ -57,31 +80,28 @@ class FeatureCapture:
     def __init__(self, model: nn.Module, block_indices: list[int]):
         blocks = find_blocks(model)
         self.features: dict[int, torch.Tensor] = {}
-        self._on = False
-        self._handles = [blocks[i].register_forward_hook(self._hook(i)) for i in sorted(set(block_indices))]
+        self._switch = _HookSwitch()
+        self._switch.handles = [blocks[i].register_forward_hook(self._hook(i)) for i in sorted(set(block_indices))]
 
     def _hook(self, index: int):
         def hook(_module, _inputs, output):
-            if self._on:
+            if self._switch.on:
                 self.features[index] = output[0] if isinstance(output, (tuple, list)) else output
 
         return hook
 
+    def _clear(self) -> None:
+        self.features = {}
+
     @contextmanager
     def recording(self):
         """Record block outputs of the forward passes run inside this context; clears old ones first."""
-        self.features = {}
-        self._on = True
-        try:
+        with self._switch.recording(self._clear):
             yield self
-        finally:
-            self._on = False
 
     def remove(self) -> None:
         """Remove the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._switch.remove()
 
 
 # Projection module names inside a block, per attention style: separate q/k/v linears (Llama, Mistral,
@@ -131,16 +151,15 @@ class AttentionCapture:
         blocks = find_blocks(model)
         self.features: dict[int, tuple[torch.Tensor, ...]] = {}
         self._parts: dict[int, dict[int, torch.Tensor]] = {}
-        self._on = False
-        self._handles = []
+        self._switch = _HookSwitch()
         for i in sorted(set(block_indices)):
             modules, fused = attention_projections(blocks[i])
             for kind, module in enumerate(modules):
-                self._handles.append(module.register_forward_hook(self._hook(i, kind, fused)))
+                self._switch.handles.append(module.register_forward_hook(self._hook(i, kind, fused)))
 
     def _hook(self, index: int, kind: int, fused: bool):
         def hook(_module, _inputs, output):
-            if not self._on:
+            if not self._switch.on:
                 return
             if fused:
                 self.features[index] = tuple(output.chunk(3, dim=-1))  # (B, N, 3C) -> 3 x (B, N, C)
@@ -153,18 +172,15 @@ class AttentionCapture:
 
         return hook
 
+    def _clear(self) -> None:
+        self.features, self._parts = {}, {}
+
     @contextmanager
     def recording(self):
         """Record q, k, v of the forward passes run inside this context; clears old ones first."""
-        self.features, self._parts = {}, {}
-        self._on = True
-        try:
+        with self._switch.recording(self._clear):
             yield self
-        finally:
-            self._on = False
 
     def remove(self) -> None:
         """Remove the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._switch.remove()

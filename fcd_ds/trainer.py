@@ -115,13 +115,12 @@ def setup(plan) -> Job:
         state = TrainState(**saved)
         check_resume_layout(state.data_layout, layout)
         micro_batches.position = state.data_position
-    elif not t.eval_on_start:
-        state = TrainState(data_layout=layout)
     else:
         state = TrainState(data_layout=layout)
-        if teacher is not None:
-            state.metrics.update(_prefixed("teacher", distiller.evaluate("teacher", eval_set)))
-        state.metrics.update(_prefixed("student", distiller.evaluate("student", eval_set), "_initial"))
+        if t.eval_on_start:
+            if teacher is not None:
+                state.metrics.update(_prefixed("teacher", distiller.evaluate("teacher", eval_set)))
+            state.metrics.update(_prefixed("student", distiller.evaluate("student", eval_set), "_initial"))
 
     # Output directory: only now, with every input and the checkpoint checked, is anything written.
     if rank == 0:
