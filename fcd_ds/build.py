@@ -93,13 +93,14 @@ def build_student_engine(model_args, teacher_path: str | None, teacher_config, d
     return engine
 
 
-def build_teacher_engine(teacher_path: str, student_ds_cfg: dict, task):
-    """Frozen teacher engine (see module docstring), loaded with the task's Auto class. Returns the
-    ``DeepSpeedEngine`` in eval mode."""
+def build_teacher_engine(teacher_path: str, student_ds_cfg: dict, task, offload: str | None = None):
+    """Frozen teacher engine (see module docstring), loaded with the task's Auto class; ``offload`` is
+    ``--teacher_offload`` (:func:`~fcd_ds.ds_config.teacher_ds_config`). Returns the ``DeepSpeedEngine``
+    in eval mode."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    cfg = teacher_ds_config(student_ds_cfg)
+    cfg = teacher_ds_config(student_ds_cfg, offload)
     hf_ds = HfDeepSpeedConfig(cfg) if zero_stage(cfg) == 3 else None  # from_pretrained builds it partitioned
     model = load_model(teacher_path, task.auto_class, model_dtype(student_ds_cfg), "--teacher")
     del hf_ds

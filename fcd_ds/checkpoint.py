@@ -2,7 +2,9 @@
 
 Layout of ``OUTPUT_DIR``::
 
-    checkpoints/        DeepSpeed save_checkpoint folders (global_step{N}/, latest) + per-rank RNG states
+    checkpoints/        DeepSpeed save_checkpoint folders (global_step{N}/, latest) + per-rank RNG states;
+                        a folder is written as global_step{N}.tmp and renamed once every rank has
+                        finished, so ``latest`` never names a half-written checkpoint
     student/            the distilled student, a Hugging Face folder with the tokenizer and a model card
     model/              instead of student/ for launchers/finetune_teacher.py: the fine-tuned model
     runs/               TensorBoard events
@@ -15,7 +17,10 @@ Only these names are ever written or removed; anything else a user keeps there i
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -26,26 +31,52 @@ from .errors import UsageError
 
 __all__ = [
     "RUN_FILES",
+    "has_run",
     "check_output_dir",
     "clear_run_files",
     "latest_tag",
+    "checkpoint_steps",
     "save_checkpoint",
     "load_checkpoint",
     "export_student",
     "check_resume_layout",
+    "comparable_run_config",
+    "read_trainer_state",
+    "auto_resume_action",
 ]
 
 RUN_FILES = ("checkpoints", "student", "model", "runs", "train_log.jsonl", "metrics.json", "run_config.json")
 
 
+_TAG = re.compile(r"global_step(\d+)")
+
+
 def latest_tag(output_dir: str | Path) -> str | None:
-    """Tag of the newest checkpoint (DeepSpeed's ``latest`` file), or None."""
-    latest = Path(output_dir) / "checkpoints" / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """Tag of the newest complete checkpoint (DeepSpeed's ``latest`` file, naming a folder that exists), or None."""
+    ckpt = Path(output_dir) / "checkpoints"
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt / tag).is_dir() else None
 
 
-def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+def checkpoint_steps(output_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoint folders (``global_step{N}``, not ``*.tmp``), ascending."""
+    ckpt = Path(output_dir) / "checkpoints"
+    if not ckpt.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt.iterdir() if p.is_dir() and (m := _TAG.fullmatch(p.name)))
+
+
+def has_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds any of fcd_ds's own files (:data:`RUN_FILES`)."""
+    return any((Path(output_dir) / name).exists() for name in RUN_FILES)
+
+
+def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, auto_resume: bool = False) -> None:
     """Refuse to start where it would clobber or silently continue another run (as transformers' Trainer).
+    With ``auto_resume`` only the file check runs here; :func:`auto_resume_action` decides the rest.
 
     Raises:
         UsageError: ``output_dir`` is a file; it holds a run and neither ``--resume`` nor
@@ -54,11 +85,12 @@ def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir: {out} is a file; pass a directory")
-    has_run = any((out / name).exists() for name in RUN_FILES)
+    if auto_resume:
+        return
     if resume:
         if latest_tag(out) is None:
             raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start a new run")
-    elif has_run and not overwrite:
+    elif has_run(out) and not overwrite:
         raise UsageError(
             f"--output_dir: {out} already holds a run; pass --resume to continue it, "
             "--overwrite_output_dir to start afresh, or another --output_dir"
@@ -67,15 +99,18 @@ def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -
 
 def check_resume_layout(saved: dict, now: dict) -> None:
     """A checkpoint's data position counts micro-batches of one layout (micro-batch size, world size,
-    sequence length, seed); resuming under another would replay or skip data.
+    sequence length, seed), its LR schedule was built for ``max_steps`` and the scheduler settings, and a
+    ZeRO checkpoint is partitioned over its world size; resuming under other values would replay or skip
+    data, silently change the schedule, or fail inside DeepSpeed.
 
     Raises:
         UsageError: any value of ``now`` differs from ``saved``.
     """
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
+        why = " (the LR schedule decays over the saved --max_steps: train longer in a new run)" if {"max_steps", "lr_schedule"} & set(changed) else ""
         raise UsageError(
-            f"--resume: the checkpoint was written with {changed} (saved, now); resume with the same values, "
+            f"--resume: the checkpoint was written with {changed} (saved, now){why}; resume with the same values, "
             "or start a new run in another --output_dir"
         )
 
@@ -92,31 +127,98 @@ def clear_run_files(output_dir: str | Path) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random state a step can draw from: Python, NumPy, torch's CPU generator, the accelerator's
+    generator (CUDA's, when the accelerator is not the CPU) and DeepSpeed's activation-checkpointing RNG
+    tracker (the states its ``checkpoint`` replays in backward)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "accelerator": None if acc.device_name() == "cpu" else acc.get_rng_state(),
+        "deepspeed_checkpointing": deepspeed.checkpointing.get_cuda_rng_tracker().get_states(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if state.get("accelerator") is not None:
+        get_accelerator().set_rng_state(state["accelerator"])
+    if state.get("deepspeed_checkpointing"):
+        deepspeed.checkpointing.get_cuda_rng_tracker().set_states(state["deepspeed_checkpointing"])
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict) -> None:
-    """``engine.save_checkpoint`` under ``OUTPUT_DIR/checkpoints`` with tag ``global_step{step}``, plus this
-    rank's RNG state (``rng_state_rank{r}.pt``, as transformers' Trainer keeps ``rng_state_{r}.pth``):
-    DeepSpeed's ``client_state`` is written by rank 0 only. Collective: call on every rank."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+TRAINER_STATE = "trainer_state.json"  # the client_state as JSON, readable before any process group starts
+
+
+def read_trainer_state(output_dir: str | Path) -> dict:
+    """The ``client_state`` of the latest checkpoint, from its ``trainer_state.json``.
+
+    Raises:
+        UsageError: no complete checkpoint, or it was not written by this version of fcd_ds.
+    """
+    tag = latest_tag(output_dir)
+    path = Path(output_dir) / "checkpoints" / str(tag) / TRAINER_STATE
+    if tag is None or not path.is_file():
+        raise UsageError(f"--resume: {Path(output_dir) / 'checkpoints'} holds no checkpoint written by this fcd_ds "
+                         f"(no {TRAINER_STATE}); start a new run in another --output_dir")
+    return json.loads(path.read_text())
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, save_total_limit: int = 0) -> None:
+    """``engine.save_checkpoint`` of step ``step`` plus this rank's RNG states (``rng_state_rank{r}.pt``,
+    as transformers' Trainer keeps ``rng_state_{r}.pth``; DeepSpeed writes ``client_state`` from rank 0).
+
+    Atomic: every rank writes into ``checkpoints/global_step{step}.tmp``; once all have finished (a
+    barrier), rank 0 renames it to ``global_step{step}`` and then replaces ``latest`` (written to
+    ``latest.tmp`` and renamed), so a job killed at any moment leaves ``latest`` naming a complete
+    checkpoint (the folder holding it must be shared by the ranks, as DeepSpeed assumes). Then the
+    oldest checkpoints beyond ``save_total_limit`` (0: keep all) are removed. Collective.
+    """
     import torch.distributed as dist
 
     ckpt = Path(output_dir) / "checkpoints"
     tag = f"global_step{step}"
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client_state)
-    torch.save(_rng_state(), ckpt / tag / f"rng_state_rank{dist.get_rank()}.pt")
+    tmp = ckpt / f"{tag}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt), tag=tmp.name, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    if rank == 0:
+        (tmp / TRAINER_STATE).write_text(json.dumps(client_state, indent=2))
+    dist.barrier()
+    if rank == 0:
+        final = ckpt / tag
+        if final.exists():  # the same step saved again (a run resumed after its last save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _write_atomic(ckpt / "latest", tag)
+        if save_total_limit:
+            for old in checkpoint_steps(output_dir)[:-save_total_limit]:
+                if old != step:
+                    shutil.rmtree(ckpt / f"global_step{old}")
     dist.barrier()
 
 
 def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...]) -> dict:
     """Load the latest checkpoint into ``engine`` (module, optimizer, scheduler) and restore this rank's
-    RNG state. Collective.
+    RNG states. Collective.
 
     Args:
         keys: the ``client_state`` keys to return (DeepSpeed adds its own metadata keys beside them).
@@ -125,7 +227,7 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...]) -> di
         The saved ``client_state`` restricted to ``keys``.
 
     Raises:
-        RuntimeError: DeepSpeed found nothing to load.
+        RuntimeError: DeepSpeed found nothing to load, or the checkpoint was not written by fcd_ds.
     """
     import torch.distributed as dist
 
@@ -141,6 +243,57 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...]) -> di
     if missing:
         raise RuntimeError(f"checkpoint {ckpt / tag} lacks {missing}; it was not written by fcd_ds")
     return {k: client_state[k] for k in keys}
+
+
+# Flags that say how to start, not what the run is: they may differ between attempts of one run.
+_START_FLAGS = ("resume", "auto_resume", "overwrite_output_dir", "local_rank")
+
+
+def comparable_run_config(run_config: dict) -> dict:
+    """The part of a ``run_config.json`` that defines the run (launcher, task, model, data, distill and
+    train arguments, without the start flags ``--resume``, ``--auto_resume``, ``--overwrite_output_dir``),
+    as JSON values (tuples become lists)."""
+    keep = {k: run_config.get(k) for k in ("launcher", "task", "model", "data", "distill", "train")}
+    keep["train"] = {k: v for k, v in (keep["train"] or {}).items() if k not in _START_FLAGS}
+    return json.loads(json.dumps(keep))
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    out = []
+    for group in now:
+        a, b = saved.get(group), now[group]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{group}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(group)
+    return out
+
+
+def auto_resume_action(output_dir: str | Path, run_config: dict) -> str:
+    """What ``--auto_resume`` does in ``output_dir`` for a run described by ``run_config``.
+
+    Returns:
+        ``"resume"``: it holds a checkpoint of this run; ``"start"``: it holds no run;
+        ``"restart"``: it holds only the files of an earlier attempt of this run that saved no
+        checkpoint (they are replaced).
+
+    Raises:
+        UsageError: it holds another run (names the arguments that differ), or checkpoints without
+            the ``run_config.json`` that says which run they belong to.
+    """
+    out = Path(output_dir)
+    if not has_run(out):
+        return "start"
+    config_file = out / "run_config.json"
+    if not config_file.is_file():
+        raise UsageError(f"--auto_resume: {out} holds run files but no run_config.json, so it cannot tell whether they are this run's; "
+                         "pass --resume, --overwrite_output_dir, or another --output_dir")
+    saved = comparable_run_config(json.loads(config_file.read_text()))
+    diff = _differences(saved, comparable_run_config(run_config))
+    if diff:
+        raise UsageError(f"--auto_resume: {out} holds another run (it differs in {', '.join(diff)}); "
+                         "pass the same arguments, or another --output_dir")
+    return "resume" if latest_tag(out) is not None else "restart"
 
 
 def export_student(engine, tokenizer, dest: str | Path, model_card: str | None = None) -> None:

@@ -248,6 +248,7 @@ class TrainArguments:
     output_dir: str = field(default="outputs/distill_gpt", metadata={"help": "Where the student, checkpoints, metrics and TensorBoard events go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds a run (removes only fcd_ds's own files)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir/checkpoints."})
+    auto_resume: bool = field(default=False, metadata={"help": "Resume when output_dir holds a checkpoint of this same run (same arguments), start afresh when it holds none (what launchers/slurm/distill.sbatch passes, so a requeued job continues)."})
     deepspeed_config: str = field(default=str(DEFAULT_DS_CONFIG), metadata={"help": "DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json, zero3_offload.json)."})
     bf16: bool = field(default=False, metadata={"help": "Override: enable the JSON's bf16 section (GPUs; slow on CPU)."})
     max_steps: int = field(default=120, metadata={"help": "Optimizer steps."})
@@ -259,6 +260,8 @@ class TrainArguments:
     seed: int = field(default=42, metadata={"help": "Seed of init, data order and dropout."})
     logging_steps: int = field(default=1, metadata={"help": "Log to TensorBoard every N steps."})
     save_steps: int = field(default=0, metadata={"help": "Save a DeepSpeed checkpoint every N steps (0: only at the end)."})
+    save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."})
+    teacher_offload: str | None = field(default=None, metadata={"help": "'cpu': the teacher engine runs ZeRO-3 with its parameters offloaded to CPU memory (offload_param), whatever the student's stage; 'none': no offload; default: the JSON's zero_optimization.offload_param when the student runs ZeRO-3.", "choices": ["cpu", "none"]})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the teacher and the untrained student before training (reported as teacher_eval_* and student_eval_*_initial)."})
     eval_steps: int = field(default=0, metadata={"help": "Also evaluate the student every N steps (0: only at the end); logged as eval/* with the training seconds so far."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16 dense)."})
@@ -271,9 +274,11 @@ class TrainArguments:
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise UsageError(f"--warmup_steps: must be >= 1 (DeepSpeed's warm-up schedulers need a step; 1 is no warm-up), got {self.warmup_steps}")
         _positive("save_steps", self.save_steps, allow_zero=True)
+        _positive("save_total_limit", self.save_total_limit, allow_zero=True)
         _positive("eval_steps", self.eval_steps, allow_zero=True)
-        if self.resume and self.overwrite_output_dir:
-            raise UsageError("--resume and --overwrite_output_dir contradict each other; pass one")
+        starts = [f"--{name}" for name in ("resume", "auto_resume", "overwrite_output_dir") if getattr(self, name)]
+        if len(starts) > 1:
+            raise UsageError(f"{' and '.join(starts)} contradict each other; pass one")
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, finetune: bool = False):

@@ -107,12 +107,19 @@ def bf16_enabled(cfg: dict) -> bool:
     return bool(cfg.get("bf16", {}).get("enabled", False))
 
 
-def teacher_ds_config(student_cfg: dict) -> dict:
+def teacher_ds_config(student_cfg: dict, offload: str | None = None) -> dict:
     """Config of the frozen, optimizer-less teacher engine.
 
     ZeRO-3 with the student's stage-3 settings when the student runs stage 3 (the teacher is sharded over
     the same ranks), stage 0 otherwise; same precision and micro-batch; no optimizer, scheduler or
     gradient settings. As trl ``prepare_deepspeed`` and DeepSpeed-Chat ``_init_ref``.
+
+    Args:
+        student_cfg: the student's resolved JSON.
+        offload: ``--teacher_offload``: ``"cpu"`` makes the teacher ZeRO-3 with ``offload_param`` to CPU
+            memory whatever the student's stage (DeepSpeed's ZeRO-Infinity parameter offload: each rank
+            keeps its shard in host memory and fetches layers for the forward); ``"none"`` drops any
+            offload; None keeps the student JSON's ``offload_param`` when the student runs stage 3.
     """
     zero = student_cfg.get("zero_optimization", {})
     cfg = {
@@ -121,9 +128,13 @@ def teacher_ds_config(student_cfg: dict) -> dict:
         "bf16": {"enabled": bf16_enabled(student_cfg)},
         "steps_per_print": student_cfg.get("steps_per_print", 10**9),
     }
-    if zero_stage(student_cfg) == 3:
+    if zero_stage(student_cfg) == 3 or offload == "cpu":
         keep = {k: v for k, v in zero.items() if k.startswith("stage3_") and "gather_16bit" not in k}
-        cfg["zero_optimization"] = {"stage": 3, **keep, **({"offload_param": zero["offload_param"]} if "offload_param" in zero else {})}
+        cfg["zero_optimization"] = {"stage": 3, **keep}
+        if offload == "cpu":
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}
+        elif offload is None and "offload_param" in zero:
+            cfg["zero_optimization"]["offload_param"] = zero["offload_param"]
     else:
         cfg["zero_optimization"] = {"stage": 0}
     return cfg

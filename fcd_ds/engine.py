@@ -215,11 +215,15 @@ class DistillEngine:
         return dict(sums)
 
     @torch.no_grad()
-    def evaluate(self, which: str, batches: list[dict]) -> dict[str, float]:
+    def evaluate(self, which: str, batches: list[dict], interrupt=None) -> dict[str, float]:
         """Held-out metrics of ``"student"`` or ``"teacher"`` over every rank's ``batches`` (the task's
         :meth:`~fcd_ds.tasks.Task.metrics` of the statistics gathered from all ranks). When the task has no
         metric of its own (a headless task-agnostic run), the student's held-out feature-level
         distillation losses instead: ``fcd``, ``hidden_mse``, ``minilm`` (those that are on). Collective.
+
+        Args:
+            interrupt: called after every batch on every rank (all ranks have the same number of
+                batches), e.g. :meth:`fcd_ds.preemption.StopFlag.check`, which raises to stop early.
         """
         engine = self.student if which == "student" else self.teacher
         was_training = engine.module.training
@@ -228,17 +232,21 @@ class DistillEngine:
         held_out = [t for t in ("fcd", "hidden_mse", "minilm") if self.args.weights[t]]
         held_out = held_out if not self.task.metric_names and which == "student" else []
         sums = torch.zeros(len(held_out) + 1, dtype=torch.float64)  # (sum of each term over batches, batches)
-        for batch in batches:
-            batch = self._to_device(batch)
-            if held_out:
-                _, terms = self.losses(batch, self.teacher_forward(batch))
-                sums += torch.tensor([terms[f"loss/{t}"].item() for t in held_out] + [1.0], dtype=torch.float64)
-                continue
-            outputs = engine(**self.task.model_inputs(batch))
-            for k, v in self.task.eval_stats(outputs, batch).items():
-                collected[k].append(v.detach().cpu())
-        if was_training:
-            engine.train()
+        try:
+            for batch in batches:
+                batch = self._to_device(batch)
+                if held_out:
+                    _, terms = self.losses(batch, self.teacher_forward(batch))
+                    sums += torch.tensor([terms[f"loss/{t}"].item() for t in held_out] + [1.0], dtype=torch.float64)
+                else:
+                    outputs = engine(**self.task.model_inputs(batch))
+                    for k, v in self.task.eval_stats(outputs, batch).items():
+                        collected[k].append(v.detach().cpu())
+                if interrupt is not None:
+                    interrupt()
+        finally:
+            if was_training:
+                engine.train()
         if held_out:
             if dist.is_initialized():
                 dist.all_reduce(sums)  # mean over ranks' batches

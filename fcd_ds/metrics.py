@@ -12,18 +12,33 @@ __all__ = ["MetricLogger", "transformer_flops_per_token", "measure_matmul_tflops
 
 class MetricLogger:
     """``log_dict(step, payload)`` writes scalars on rank 0 (other ranks do nothing) to TensorBoard
-    (``log_dir``) and, when ``jsonl_path`` is given, as one JSON line per call (appended, so a resumed
-    run continues the file). As torchtune's ``TensorBoardLogger`` and ``JSONLLogger``.
+    (``log_dir``) and, when ``jsonl_path`` is given, as one JSON line per call. As torchtune's
+    ``TensorBoardLogger`` and ``JSONLLogger``.
+
+    A resumed run continues both without duplicates: ``resume_rows`` keeps only the first rows of the
+    JSON-lines file (those written up to the checkpoint, :attr:`rows` at save time) and ``resume_step``
+    makes TensorBoard discard the earlier events logged after that step (``SummaryWriter(purge_step=)``).
     """
 
-    def __init__(self, log_dir: str | Path, jsonl_path: str | Path | None = None):
+    def __init__(self, log_dir: str | Path, jsonl_path: str | Path | None = None, *, resume_rows: int | None = None,
+                 resume_step: int | None = None):
         self._writer = self._jsonl = None
+        self.rows = 0  # JSON lines in the file (rank 0)
         if is_main_process():
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(log_dir))
+            purge = resume_step + 1 if resume_step is not None else None
+            self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
             if jsonl_path is not None:
-                self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+                path = Path(jsonl_path)
+                lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+                if resume_rows is not None and len(lines) > resume_rows:  # rows logged after the checkpoint
+                    lines = lines[:resume_rows]
+                    tmp = path.with_name(path.name + ".tmp")
+                    tmp.write_text("".join(lines), encoding="utf-8")
+                    tmp.replace(path)
+                self.rows = len(lines)
+                self._jsonl = open(path, "a", encoding="utf-8")
 
     def log_dict(self, step: int, payload: dict[str, float]) -> None:
         """Write every ``name: value`` of ``payload`` at ``step``."""
@@ -33,6 +48,7 @@ class MetricLogger:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, **payload}) + "\n")
             self._jsonl.flush()
+            self.rows += 1
 
     def close(self) -> None:
         """Flush and close the event file."""

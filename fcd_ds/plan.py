@@ -5,10 +5,11 @@ flag and the fix."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from .checkpoint import check_output_dir
+from .checkpoint import auto_resume_action, check_output_dir, check_resume_layout, read_trainer_state
 from .data import check_data_files
+from .distributed import world_size
 from .ds_config import load_ds_config, resolve_ds_config
 from .errors import UsageError
 from .layer_map import LayerPair, parse_layer_map
@@ -36,6 +37,27 @@ class RunPlan:
     data_args: object
     distill_args: object
     train_args: object
+
+    def layout(self, world_size: int) -> dict:
+        """What a checkpoint's data position and LR schedule count in (micro-batch, world size, sequence
+        length, seed, steps, accumulation, the resolved scheduler); a resume must match it."""
+        t, ds = self.train_args, self.ds_config
+        schedule = dict(ds.get("scheduler") or {})
+        if "params" in schedule:  # total_num_steps is --max_steps, compared on its own
+            schedule["params"] = {k: v for k, v in schedule["params"].items() if k != "total_num_steps"}
+        return {"micro_batch_size": ds["train_micro_batch_size_per_gpu"], "world_size": world_size,
+                "max_seq_length": self.data_args.max_seq_length, "seed": t.seed, "max_steps": t.max_steps,
+                "gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1), "lr_schedule": schedule or None}
+
+    def run_config(self, world_size: int | None = None) -> dict:
+        """What ``run_config.json`` records: the launcher, the task, the four argument groups as
+        resolved, the layer map, the world size and the resolved DeepSpeed JSON."""
+        from .layer_map import layer_map_to_str
+
+        return {"launcher": self.launcher.name, "task": self.task.name, "model": asdict(self.model_args),
+                "data": asdict(self.data_args), "distill": asdict(self.distill_args), "train": asdict(self.train_args),
+                "layer_map": layer_map_to_str(self.pairs) if self.pairs else None, "world_size": world_size,
+                "deepspeed_config": self.ds_config}
 
 
 def _student_config(model_args, teacher_config):
@@ -133,7 +155,8 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
     if data_args.train_file is not None:
         check_data_files(data_args.train_file, data_args.validation_file)
     ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args)
-    check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir)
+    check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir,
+                     auto_resume=train_args.auto_resume)
 
     teacher = None if launcher.finetune else model_args.teacher
     teacher_config = load_config(teacher, "--teacher") if teacher is not None else None
@@ -176,7 +199,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
                 f"--max_seq_length: {data_args.max_seq_length} exceeds the {flag.lstrip('-')}'s {limit} positions; "
                 f"use --max_seq_length {limit} or less"
             )
-    return RunPlan(
+    plan = RunPlan(
         launcher=launcher,
         task=task,
         teacher=teacher,
@@ -191,3 +214,10 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         distill_args=distill_args,
         train_args=train_args,
     )
+    if train_args.auto_resume:
+        action = auto_resume_action(train_args.output_dir, plan.run_config())
+        train_args.resume = action == "resume"
+        train_args.overwrite_output_dir = action == "restart"
+    if train_args.resume:  # before any process starts: a checkpoint of another layout is refused here
+        check_resume_layout(read_trainer_state(train_args.output_dir)["data_layout"], plan.layout(world_size()))
+    return plan

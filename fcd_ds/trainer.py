@@ -5,12 +5,18 @@ four calls on a checked :class:`~fcd_ds.plan.RunPlan` (torchtune's recipe shape:
 
 Progress and state live in one :class:`TrainState`, saved as the DeepSpeed checkpoint's ``client_state``
 so that ``--resume`` continues with the losses an uninterrupted run would have given.
+
+Stops: a stop signal (SIGTERM, SIGUSR1) on any rank is agreed at every step boundary and after every
+evaluation batch (:mod:`fcd_ds.preemption`); the run saves a checkpoint of the last finished step and
+raises :class:`~fcd_ds.preemption.Preempted`. A non-finite training loss raises :class:`NonFiniteLoss`
+without saving. A launcher catches :data:`STOPS` and returns :func:`finish`'s exit status.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,8 +24,21 @@ from functools import partial
 from pathlib import Path
 
 from .errors import UsageError
+from .preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, StopFlag
 
-__all__ = ["TrainState", "Job", "setup", "train", "evaluate", "save", "usage_error", "finish", "exit_now"]
+__all__ = ["TrainState", "Job", "NonFiniteLoss", "STOPS", "setup", "train", "evaluate", "save", "usage_error", "finish", "exit_now"]
+
+
+class NonFiniteLoss(Exception):
+    """A training loss term was NaN or Inf on some rank at ``step``; ``latest`` names the last good checkpoint."""
+
+    def __init__(self, step: int, terms: list[str], latest: str | None):
+        kept = f"the last good checkpoint {latest} is kept as latest" if latest else "no checkpoint was saved before it"
+        super().__init__(f"step {step}: non-finite training loss in {', '.join(terms)}; stopped without saving ({kept}); "
+                         "lower --learning_rate, check the data, or resume from the checkpoint with other settings")
+
+
+STOPS = (UsageError, Preempted, NonFiniteLoss)  # what a launcher catches and hands to finish()
 
 
 @dataclass
@@ -34,6 +53,7 @@ class TrainState:
     train_tokens: float = 0.0
     data_layout: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    log_rows: int = 0  # train_log.jsonl rows written up to this state (rank 0): a resume drops later ones
 
 
 @dataclass
@@ -51,6 +71,8 @@ class Job:
     flops_per_token: float
     teacher_shares: list | None
     logger: object  # fcd_ds.metrics.MetricLogger: TensorBoard + train_log.jsonl (rank 0), closed by save()
+    stop: StopFlag  # SIGTERM/SIGUSR1 handlers, agreed at step boundaries
+    saved_step: int = 0  # step of the newest checkpoint this process saved or loaded
 
 
 def usage_error(exc: UsageError) -> int:
@@ -69,23 +91,26 @@ def _prefixed(prefix: str, metrics: dict, suffix: str = "") -> dict:
 def setup(plan) -> Job:
     """Start the process group, tokenise the data (rank 0 first), build the engines, then resume from
     the latest checkpoint or measure the starting point, and only then write to the output folder.
+    SIGTERM and SIGUSR1 are caught from here on (:class:`~fcd_ds.preemption.StopFlag`).
 
     Raises:
         UsageError: a problem found after the process group started (too little data for the batch,
-            a checkpoint written with another data layout); the caller reports it with :func:`finish`.
+            a checkpoint written with another data layout, world size or schedule); the caller reports it
+            with :func:`finish`.
+        Preempted: a stop signal arrived during the start-up or the initial evaluation (nothing saved).
     """
     import deepspeed
     import torch.distributed as dist
     from transformers import set_seed
 
     from .build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
-    from .checkpoint import check_resume_layout, clear_run_files, load_checkpoint
+    from .checkpoint import check_resume_layout, clear_run_files, latest_tag, load_checkpoint
     from .data import MicroBatches, eval_batches
     from .distributed import main_process_first, release_deepspeed_shm_buffer
     from .engine import DistillEngine
-    from .layer_map import layer_map_to_str
     from .metrics import MetricLogger, transformer_flops_per_token
 
+    stop = StopFlag().install()
     deepspeed.init_distributed()
     release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -100,17 +125,22 @@ def setup(plan) -> Job:
     eval_set = eval_batches(valid_set, t.per_device_eval_batch_size, rank, world, d.max_eval_samples,
                             collate=partial(task.collate, train=False))
     micro_batches = MicroBatches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True))
+    stop.check("startup")
 
-    # Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is.
+    # Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is
+    # (or --teacher_offload cpu).
     projection_width = plan.teacher_config.hidden_size if plan.distill_args.hidden_mse_weight else None
     student = build_student_engine(plan.model_args, plan.teacher, plan.teacher_config, plan.ds_config, task, projection_width)
-    teacher = build_teacher_engine(plan.teacher, plan.ds_config, task) if plan.teacher is not None else None
+    teacher = build_teacher_engine(plan.teacher, plan.ds_config, task, t.teacher_offload) if plan.teacher is not None else None
     distiller = DistillEngine(student, teacher, plan.pairs, plan.distill_args, task, plan.attention_pairs)
     teacher_shares = gather_param_shares(teacher.module) if teacher is not None else None
+    stop.check("startup")
 
-    # Resume (same data layout only), or measure the starting point.
-    layout = {"micro_batch_size": micro_bs, "world_size": world, "max_seq_length": d.max_seq_length, "seed": t.seed}
+    # Resume (same data layout and schedule only), or measure the starting point.
+    layout = plan.layout(world)
     if t.resume:
+        if latest_tag(out) is None:  # seen by rank 0 at planning time, gone since, or not on this node
+            raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'} on rank {rank}; drop --resume to start a new run")
         saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__))
         state = TrainState(**saved)
         check_resume_layout(state.data_layout, layout)
@@ -118,20 +148,19 @@ def setup(plan) -> Job:
     else:
         state = TrainState(data_layout=layout)
         if t.eval_on_start:
+            check = partial(stop.check, "the initial evaluation")
             if teacher is not None:
-                state.metrics.update(_prefixed("teacher", distiller.evaluate("teacher", eval_set)))
-            state.metrics.update(_prefixed("student", distiller.evaluate("student", eval_set), "_initial"))
+                state.metrics.update(_prefixed("teacher", distiller.evaluate("teacher", eval_set, check)))
+            state.metrics.update(_prefixed("student", distiller.evaluate("student", eval_set, check), "_initial"))
 
     # Output directory: only now, with every input and the checkpoint checked, is anything written.
     if rank == 0:
         if t.overwrite_output_dir:
             clear_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
-        run_config = {"launcher": plan.launcher.name, "task": task.name, "model": asdict(plan.model_args),
-                      "data": asdict(d), "distill": asdict(plan.distill_args), "train": asdict(t),
-                      "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None, "world_size": world,
-                      "deepspeed_config": plan.ds_config}
-        (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        for partial_save in (out / "checkpoints").glob("global_step*.tmp"):  # a save that died half-way
+            shutil.rmtree(partial_save, ignore_errors=True)
+        (out / "run_config.json").write_text(json.dumps(plan.run_config(world), indent=2))
     dist.barrier()
 
     seq = d.max_seq_length
@@ -139,70 +168,110 @@ def setup(plan) -> Job:
         4 / 3 if uses_activation_checkpointing(plan.model_args, plan.ds_config) else 1)
     if distiller.needs_teacher:
         flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_teacher_logits)
-    logger = MetricLogger(out / "runs", out / "train_log.jsonl")
-    return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger)
+    logger = MetricLogger(out / "runs", out / "train_log.jsonl", resume_rows=state.log_rows if t.resume else None,
+                          resume_step=state.step if t.resume else None)
+    return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger, stop,
+               saved_step=state.step if t.resume else 0)
 
 
 def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
     return job.flops_per_token * tokens / job.world / max(seconds, 1e-9) / 1e12
 
 
+def _save(job: Job) -> None:
+    from .checkpoint import save_checkpoint
+
+    state = job.state
+    state.data_position = job.micro_batches.position
+    state.log_rows = job.logger.rows
+    save_checkpoint(job.distiller.student, job.out, state.step, asdict(state), job.plan.train_args.save_total_limit)
+    job.saved_step = state.step
+
+
 def train(job: Job) -> None:
     """Run optimizer steps up to ``--max_steps``: log every term, throughput and memory to TensorBoard
     and train_log.jsonl (rank 0), show a tqdm bar, evaluate every ``--eval_steps`` (not counted in the
-    training seconds), save checkpoints every ``--save_steps`` and at the end."""
+    training seconds), save checkpoints every ``--save_steps`` and at the end. At every step boundary the
+    ranks agree on stop signals and on non-finite loss terms (one all-reduce).
+
+    Raises:
+        Preempted: a stop signal on some rank; a checkpoint of the last finished step was saved first.
+        NonFiniteLoss: a loss term was NaN or Inf on some rank; nothing saved (``latest`` is the last good one).
+    """
+    import math
+
     from deepspeed.accelerator import get_accelerator
     from tqdm.auto import tqdm
 
-    from .checkpoint import save_checkpoint
+    from .checkpoint import latest_tag
 
     t, state, student, logger = job.plan.train_args, job.state, job.distiller.student, job.logger
     seq = job.plan.data_args.max_seq_length
     bar = tqdm(total=t.max_steps, initial=state.step, desc=job.plan.launcher.name, disable=job.rank != 0, dynamic_ncols=True)
-    while state.step < t.max_steps:
-        start = time.perf_counter()
-        m = job.distiller.train_step(job.micro_batches)
-        seconds = time.perf_counter() - start
-        state.step += 1
-        tokens = m.pop("tokens") * job.world
-        state.train_seconds += seconds
-        state.train_tokens += tokens
-        payload = {k if k.startswith("time/") else f"train/{k}": v for k, v in m.items()}  # loss terms, per-pair terms
-        samples = job.plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world
-        payload.update({
-            "train/lr": student.get_lr()[0],
-            "perf/tokens_per_second": tokens / seconds,
-            "perf/tokens_per_second_per_device": tokens / seconds / job.world,
-            "perf/samples_per_second": samples / seconds,
-            "perf/step_seconds": seconds,
-            "perf/tflops_per_device": _tflops_per_device(job, samples * seq, seconds),
-            "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
-        })
-        if t.peak_tflops:
-            payload["perf/mfu"] = payload["perf/tflops_per_device"] / t.peak_tflops
-        if state.step % t.logging_steps == 0 or state.step == t.max_steps:
-            logger.log_dict(state.step, payload)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss/total']:.3f}", tok_s=f"{tokens / seconds:.0f}")
-        if t.eval_steps and state.step % t.eval_steps == 0 and state.step < t.max_steps:
-            scores = _prefixed("student", job.distiller.evaluate("student", job.eval_set))
-            logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in scores.items()}, "eval/train_seconds": state.train_seconds})
-        if state.step == t.max_steps or (t.save_steps and state.step % t.save_steps == 0):
-            state.data_position = job.micro_batches.position
-            save_checkpoint(student, job.out, state.step, asdict(state))
-    bar.close()
+    try:
+        while state.step < t.max_steps:
+            start = time.perf_counter()
+            m = job.distiller.train_step(job.micro_batches)
+            seconds = time.perf_counter() - start
+            state.step += 1
+            loss_terms = sorted(k for k in m if k.startswith("loss/"))
+            signum, bad = job.stop.agree([not math.isfinite(m[k]) for k in loss_terms])
+            tokens = m.pop("tokens") * job.world
+            state.train_seconds += seconds
+            state.train_tokens += tokens
+            payload = {k if k.startswith("time/") else f"train/{k}": v for k, v in m.items()}  # loss terms, per-pair terms
+            samples = job.plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world
+            payload.update({
+                "train/lr": student.get_lr()[0],
+                "perf/tokens_per_second": tokens / seconds,
+                "perf/tokens_per_second_per_device": tokens / seconds / job.world,
+                "perf/samples_per_second": samples / seconds,
+                "perf/step_seconds": seconds,
+                "perf/tflops_per_device": _tflops_per_device(job, samples * seq, seconds),
+                "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
+            })
+            if t.peak_tflops:
+                payload["perf/mfu"] = payload["perf/tflops_per_device"] / t.peak_tflops
+            if state.step % t.logging_steps == 0 or state.step == t.max_steps or any(bad):
+                logger.log_dict(state.step, payload)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss/total']:.3f}", tok_s=f"{tokens / seconds:.0f}")
+            if any(bad):  # the optimizer step already used these gradients: never save this state
+                raise NonFiniteLoss(state.step, [k for k, b in zip(loss_terms, bad) if b], latest_tag(job.out))
+            if t.eval_steps and state.step % t.eval_steps == 0 and state.step < t.max_steps:
+                scores = _prefixed("student", job.distiller.evaluate("student", job.eval_set, partial(job.stop.check, "evaluation")))
+                logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in scores.items()}, "eval/train_seconds": state.train_seconds})
+            if state.step == t.max_steps or (t.save_steps and state.step % t.save_steps == 0):
+                _save(job)
+            if signum:
+                raise Preempted("training", signum)
+    except Preempted:
+        if state.step > job.saved_step:
+            _save(job)
+        raise
+    finally:
+        bar.close()
 
 
 def evaluate(job: Job) -> dict:
     """Final held-out metrics of the student; returns the run's metrics (``teacher_eval_<m>``,
-    ``student_eval_<m>_initial``, ``student_eval_<m>``). Collective."""
-    job.state.metrics.update(_prefixed("student", job.distiller.evaluate("student", job.eval_set)))
+    ``student_eval_<m>_initial``, ``student_eval_<m>``). Collective.
+
+    Raises:
+        Preempted: a stop signal on some rank (the final checkpoint is already saved).
+    """
+    job.state.metrics.update(_prefixed("student", job.distiller.evaluate("student", job.eval_set, partial(job.stop.check, "the final evaluation"))))
     return job.state.metrics
 
 
 def save(job: Job, metrics: dict) -> dict:
     """Export the trained model (``student/`` or ``model/``, with its model card) and write metrics.json
-    (rank 0) and the final eval scalars to TensorBoard. Collective. Returns the full metrics."""
+    (rank 0) and the final eval scalars to TensorBoard. Collective. Returns the full metrics.
+
+    Raises:
+        Preempted: a stop signal on some rank before the export began (the final checkpoint is saved;
+            a resumed run evaluates and exports again).
+    """
     from .checkpoint import export_student
     from .layer_map import layer_map_to_str
     from .model_card import model_card
@@ -222,6 +291,7 @@ def save(job: Job, metrics: dict) -> dict:
                "teacher_param_shard_numel_per_rank": job.teacher_shares,
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
+    job.stop.check("export")
     export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
     job.logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)},
                                      "eval/train_seconds": state.train_seconds})
@@ -232,15 +302,29 @@ def save(job: Job, metrics: dict) -> dict:
     return metrics
 
 
-def finish(code: int = 0, exc: UsageError | None = None) -> int:
-    """Report ``exc`` (if any) as one line on rank 0, destroy the process group, return the exit status
-    (2 for a usage error)."""
+def finish(code: int = 0, exc: Exception | None = None) -> int:
+    """Report ``exc`` (if any) as one line on rank 0, destroy the process group, return the exit status:
+    2 for a :class:`~fcd_ds.errors.UsageError` (as argparse), :data:`~fcd_ds.preemption.REQUEUE_EXIT_CODE`
+    (75) for :class:`~fcd_ds.preemption.Preempted` (a checkpoint is saved: requeue the job),
+    :data:`~fcd_ds.preemption.NONFINITE_EXIT_CODE` (3) for :class:`NonFiniteLoss`."""
     import torch.distributed as dist
 
-    if exc is not None:
+    from .distributed import is_main_process
+
+    if isinstance(exc, UsageError):
         code = usage_error(exc)
+    elif isinstance(exc, Preempted):
+        code = REQUEUE_EXIT_CODE
+        if is_main_process():
+            print(f"preempted: {exc}; checkpoint saved, exit status {code} (requeue, then --resume or --auto_resume continues)",
+                  file=sys.stderr, flush=True)
+    elif isinstance(exc, NonFiniteLoss):
+        code = NONFINITE_EXIT_CODE
+        if is_main_process():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
     if dist.is_initialized():
-        dist.barrier()
+        if exc is None or isinstance(exc, UsageError):
+            dist.barrier()
         dist.destroy_process_group()
     return code
 

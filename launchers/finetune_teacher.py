@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Process group, data, engines; resume or measure the starting point.
     try:
         job = trainer.setup(plan)
-    except UsageError as exc:
+        # 3. Train, evaluate, export the model with its model card, report.
+        trainer.train(job)
+        trainer.save(job, trainer.evaluate(job))
+    except trainer.STOPS as exc:  # bad input found late, preemption (checkpoint saved), non-finite loss
         return trainer.finish(exc=exc)
-    # 3. Train, evaluate, export the model with its model card, report.
-    trainer.train(job)
-    trainer.save(job, trainer.evaluate(job))
     return trainer.finish()
 
 

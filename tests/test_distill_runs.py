@@ -119,14 +119,19 @@ def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero3_run, 
     m_res = json.loads((resumed / "metrics.json").read_text())
     assert m_res["student_eval_loss"] == pytest.approx(m_orig["student_eval_loss"], abs=1e-6)
     assert m_res["student_eval_loss_initial"] == m_orig["student_eval_loss_initial"]
-    # resuming with another micro-batch size would replay other data: refused, nothing written
+    # another micro-batch size would replay other data, another --max_steps would stretch the LR schedule,
+    # another world size cannot load a ZeRO-3 partition: each refused before any work, nothing written
     before = snapshot(resumed)
-    result = run_launcher([*gpt2_args(tiny_models, corpus, resumed, ds_config), "--resume", "--max_steps", 6,
-                           "--per_device_train_batch_size", 2])
-    assert result.returncode == 2
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")][0].startswith(
-        "error: --resume: the checkpoint was written with {'micro_batch_size': (4, 2)}")
-    assert snapshot(resumed) == before
+    cases = [(["--per_device_train_batch_size", 2], 2, "{'micro_batch_size': (4, 2)}"),
+             (["--max_steps", 6], 2, "{'max_steps': (4, 6)} (saved, now) (the LR schedule decays over the saved --max_steps"),
+             ([], 1, "{'world_size': (2, 1)}")]
+    for extra, ranks, message in cases:
+        result = run_launcher([*gpt2_args(tiny_models, corpus, resumed, ds_config), "--resume", *extra], ranks=ranks)
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: --resume: the checkpoint was written with {message}"), errors
+        assert "Traceback" not in result.stderr
+        assert snapshot(resumed) == before
 
 
 def test_llama_zero3_teacher_is_sharded_and_matches_zero2(tiny_models, corpus, tmp_path):

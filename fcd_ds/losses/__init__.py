@@ -7,7 +7,14 @@ from .hidden_mse import hidden_mse_loss
 from .kd import logit_kd_loss
 from .lm import causal_lm_loss, masked_lm_loss
 from .minilm import attention_relation, minilm_loss, relation_kl
-from .relations import SEQUENCE_RELATIONS, normalize_tokens, sequence_relation, token_correlation, token_relation
+from .relations import (
+    SEQUENCE_RELATIONS,
+    normalize_tokens,
+    sequence_correlation,
+    sequence_relation,
+    token_correlation,
+    token_relation,
+)
 
 __all__ = [
     "FCDTerms",
@@ -25,6 +32,7 @@ __all__ = [
     "normalize_tokens",
     "pearson_correlation",
     "relation_kl",
+    "sequence_correlation",
     "sequence_loss",
     "sequence_relation",
     "token_correlation",

@@ -8,7 +8,7 @@ import torch
 
 from ..distributed import all_gather_no_grad, all_gather_with_grad
 from .correlation import mean_one_minus_rho, pearson_correlation
-from .relations import SEQUENCE_RELATIONS, sequence_relation, token_correlation
+from .relations import SEQUENCE_RELATIONS, sequence_correlation, sequence_relation, token_correlation
 
 __all__ = ["FCDTerms", "fcd_terms", "fcd_loss", "token_loss", "sequence_loss"]
 
@@ -58,6 +58,7 @@ def sequence_loss(
     mask: torch.Tensor,
     *,
     kind: str = "position",
+    chunk_size: int | None = None,
     global_batch: bool = False,
 ) -> torch.Tensor:
     """L_seq = 1 - mean over samples of rho(row b of student, row b of teacher) (FCD_SPEC step 5).
@@ -65,6 +66,8 @@ def sequence_loss(
     Args:
         h_s: (B, N, C_s). h_t: (B, N, C_t). mask: (B, N).
         kind: ``"position"`` or ``"pooled"`` (see :func:`sequence_relation`).
+        chunk_size: ``position`` only: positions of the (B, N, B) relation computed at once (see
+            :func:`sequence_correlation`); ``None`` computes all positions at once.
         global_batch: all-gather features and masks over the default process group first, so every
             rank computes the loss of the global batch (same value as one process holding the whole
             batch); the student's gradient flows back to the rank that owns each sample. B and N must
@@ -77,7 +80,10 @@ def sequence_loss(
     h_t = h_t.detach()
     if global_batch:
         h_s, h_t, mask = all_gather_with_grad(h_s), all_gather_no_grad(h_t), all_gather_no_grad(mask)
-    rel_s, valid = sequence_relation(h_s, mask, kind)  # (B, M), (B, M)
+    if kind == "position":
+        rho, counts = sequence_correlation(h_s, h_t, mask, chunk_size=chunk_size)  # (B,), (B,)
+        return mean_one_minus_rho(rho, counts)
+    rel_s, valid = sequence_relation(h_s, mask, kind)  # (B, B), (B, B)
     rel_t, _ = sequence_relation(h_t, mask, kind)
     rho = pearson_correlation(rel_s, rel_t, valid)  # (B,)
     return mean_one_minus_rho(rho, valid.sum(-1) >= 2)
@@ -107,7 +113,8 @@ def fcd_terms(
         else zero
     )
     seq = (
-        sequence_loss(student_hidden, teacher_hidden, attention_mask, kind=sequence_relation, global_batch=global_batch)
+        sequence_loss(student_hidden, teacher_hidden, attention_mask, kind=sequence_relation, chunk_size=chunk_size,
+                      global_batch=global_batch)
         if beta
         else zero
     )
@@ -139,7 +146,9 @@ def fcd_loss(
         sequence_relation: ``"position"`` (default) or ``"pooled"``.
         global_batch: make the loss that of the global batch: the sequence term all-gathers features
             over data-parallel ranks, the token term averages over every rank's sequences.
-        chunk_size: rows of the token relation per block (memory bound for long sequences).
+        chunk_size: rows of the token relation, and positions of the ``position`` sequence relation, per
+            block (memory bound for long sequences: O(B * chunk_size * N) and O(chunk_size * B^2));
+            ``None``: one block each.
 
     Returns:
         float32 scalar, in [0, 2 * (alpha + beta)]; 0 when student and teacher relations are equal

@@ -17,6 +17,7 @@ __all__ = [
     "token_relation",
     "token_correlation",
     "sequence_relation",
+    "sequence_correlation",
     "SEQUENCE_RELATIONS",
 ]
 
@@ -71,6 +72,27 @@ def _chunk_moments(hs, ht, m, mu_s, mu_t, start: int, stop: int):
     return (xs * xt).sum((1, 2)), (xs * xs).sum((1, 2)), (xt * xt).sum((1, 2))
 
 
+def _blocked_correlation(moments, hs, ht, m, mu_s, mu_t, chunk_size: int | None, eps: float) -> torch.Tensor:
+    """Pearson correlation from centered moments summed over blocks of positions ``0:N`` (B,).
+
+    ``moments(hs, ht, m, mu_s, mu_t, start, stop)`` returns the (B,) sums of ``x_s * x_t``, ``x_s^2`` and
+    ``x_t^2`` (x centered by mu, zero off the valid set) over the entries of positions ``start:stop``.
+    With autograd on and more than one block, each block is recomputed in backward (activation
+    checkpointing), so only one block's intermediates live at a time.
+    """
+    n = hs.shape[1]
+    step = n if chunk_size is None or chunk_size >= n else chunk_size
+    cov = var_s = var_t = 0.0
+    for start in range(0, n, step):
+        args = (hs, ht, m, mu_s, mu_t, start, min(start + step, n))
+        if step < n and torch.is_grad_enabled() and hs.requires_grad:
+            c, vs, vt = checkpoint(moments, *args, use_reentrant=False)
+        else:
+            c, vs, vt = moments(*args)
+        cov, var_s, var_t = cov + c, var_s + vs, var_t + vt
+    return cov / (var_s.clamp(min=1e-30).sqrt() * var_t.clamp(min=1e-30).sqrt() + eps)
+
+
 def token_correlation(
     h_s: torch.Tensor,
     h_t: torch.Tensor,
@@ -100,24 +122,17 @@ def token_correlation(
     m = mask.bool()
     hs, ht = normalize_tokens(h_s), normalize_tokens(h_t)  # (B, N, C_s), (B, N, C_t)
     mu_s, mu_t = _masked_offdiag_mean(hs, m), _masked_offdiag_mean(ht, m)  # (B,)
-    n = hs.shape[1]
-    step = n if chunk_size is None or chunk_size >= n else chunk_size
-    cov = var_s = var_t = 0.0
-    for start in range(0, n, step):
-        args = (hs, ht, m, mu_s, mu_t, start, min(start + step, n))
-        if step < n and torch.is_grad_enabled() and hs.requires_grad:
-            c, vs, vt = checkpoint(_chunk_moments, *args, use_reentrant=False)
-        else:
-            c, vs, vt = _chunk_moments(*args)
-        cov, var_s, var_t = cov + c, var_s + vs, var_t + vt
-    rho = cov / (var_s.clamp(min=1e-30).sqrt() * var_t.clamp(min=1e-30).sqrt() + eps)
+    rho = _blocked_correlation(_chunk_moments, hs, ht, m, mu_s, mu_t, chunk_size, eps)
     return rho, m.sum(1) >= 3
 
 
 def sequence_relation(
     h: torch.Tensor, mask: torch.Tensor, kind: str = "position"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample-to-sample cosine relation within the batch, one row per sample (FCD_SPEC step 3).
+    """Sample-to-sample cosine relation within the batch, one row per sample (FCD_SPEC step 3), materialised.
+
+    ``position`` is the reference form (O(B^2 N) memory): the loss uses :func:`sequence_correlation`,
+    which streams over blocks of positions.
 
     Args:
         h: (B, N, C) block output features.
@@ -149,3 +164,75 @@ def sequence_relation(
         valid = has_token[:, None] & has_token[None, :] & not_self  # (B, B)
         return pn @ pn.t(), valid
     raise ValueError(f"sequence_relation: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")
+
+
+@torch.no_grad()
+def _other_sample_mean(hn: torch.Tensor, m: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and count of each sequence-relation row's valid entries without forming them. (B, N, C) -> (B,), (B,).
+
+    Row b's entries are ``hn[b, n] . hn[d, n]`` for d != b with both tokens real; their sum is
+    ``sum_n hv[b, n] . (S_n - hv[b, n])`` with ``S_n = sum_d hv[d, n]`` and hv the features zeroed at
+    padding, and their count ``sum_n m[b, n] * (sum_d m[d, n] - 1)``. One float32 dot product per
+    (b, n), as the relation's own entries, summed over positions in float64; blocks of ``chunk_size``
+    positions, so no temporary larger than (B, chunk_size, C) is made. No autograd: the gradient of a
+    Pearson correlation through its means is zero (centered entries sum to zero over the valid set).
+    """
+    b, n = m.shape
+    step = n if chunk_size is None or chunk_size >= n else chunk_size
+    total = torch.zeros(b, dtype=torch.float64, device=hn.device)
+    for start in range(0, n, step):
+        hv = hn[:, start : start + step] * m[:, start : start + step, None]  # (B, P, C)
+        dots = (hv * (hv.sum(0) - hv)).sum(-1)  # (B, P): hv[b, p] . (S_p - hv[b, p])
+        total += dots.sum(1, dtype=torch.float64)
+    md = m.double()  # (B, N)
+    count = (md * (md.sum(0) - 1.0)).sum(1)  # (B,)
+    return (total / count.clamp(min=1.0)).float(), count
+
+
+def _position_moments(hs, ht, m, mu_s, mu_t, start: int, stop: int):
+    """Centered second moments of positions ``start:stop`` of both sequence relations. Returns three (B,) tensors."""
+    ps = hs[:, start:stop].transpose(0, 1)  # (P, B, C_s)
+    pt = ht[:, start:stop].transpose(0, 1)  # (P, B, C_t)
+    rs = ps @ ps.transpose(1, 2)  # (P, B, B): rs[p, b, d] = cos(h_s[b, start + p], h_s[d, start + p])
+    rt = pt @ pt.transpose(1, 2)  # (P, B, B)
+    mp = m[:, start:stop].t()  # (P, B)
+    not_self = ~torch.eye(hs.shape[0], dtype=torch.bool, device=hs.device)  # (B, B)
+    valid = (mp[:, :, None] & mp[:, None, :] & not_self).float()  # (P, B, B)
+    xs = (rs - mu_s[None, :, None]) * valid
+    xt = (rt - mu_t[None, :, None]) * valid
+    return (xs * xt).sum((0, 2)), (xs * xs).sum((0, 2)), (xt * xt).sum((0, 2))
+
+
+def sequence_correlation(
+    h_s: torch.Tensor,
+    h_t: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Pearson correlation of student and teacher ``position`` sequence relations, without B x N x B.
+
+    Equal (to float rounding) to ``pearson_correlation(R_s, R_t, valid)`` with the rows of
+    :func:`sequence_relation` (kind ``"position"``): row b's entries are ``cos(h[b, n], h[d, n])`` over
+    the (n, d) with d != b and both tokens real. The row means come in closed form and the centered
+    moments are summed over blocks of ``chunk_size`` positions; with autograd on, each block is
+    recomputed in backward (activation checkpointing), so memory is O(chunk_size * B^2) per model
+    instead of O(N * B^2), which grows with the all-gathered global batch.
+
+    Args:
+        h_s: (B, N, C_s) student features. h_t: (B, N, C_t) teacher features (no gradient needed).
+        mask: (B, N) attention mask.
+        chunk_size: positions per block; ``None`` or >= N computes all positions at once.
+        eps: added to the correlation's denominator.
+
+    Returns:
+        ``(rho, counts)``: rho (B,) float32; counts (B,) bool, true for rows with >= 2 valid entries
+        (FCD_SPEC: a batch of 1, or a row with fewer, contributes nothing).
+    """
+    m = mask.bool()
+    hs, ht = normalize_tokens(h_s), normalize_tokens(h_t)  # (B, N, C_s), (B, N, C_t)
+    mu_s, count = _other_sample_mean(hs, m, chunk_size)  # (B,), (B,)
+    mu_t, _ = _other_sample_mean(ht, m, chunk_size)
+    rho = _blocked_correlation(_position_moments, hs, ht, m, mu_s, mu_t, chunk_size, eps)
+    return rho, count >= 2
