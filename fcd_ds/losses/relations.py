@@ -167,21 +167,20 @@ def sequence_relation(
 
 
 @torch.no_grad()
-def _other_sample_mean(hn: torch.Tensor, m: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _other_sample_mean(h: torch.Tensor, m: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and count of each sequence-relation row's valid entries without forming them. (B, N, C) -> (B,), (B,).
 
-    Row b's entries are ``hn[b, n] . hn[d, n]`` for d != b with both tokens real; their sum is
-    ``sum_n hv[b, n] . (S_n - hv[b, n])`` with ``S_n = sum_d hv[d, n]`` and hv the features zeroed at
+    Row b's entries are ``hn[b, n] . hn[d, n]`` for d != b with both tokens real (hn: ``h`` normalised);
+    their sum is ``sum_n hv[b, n] . (S_n - hv[b, n])`` with ``S_n = sum_d hv[d, n]`` and hv = hn zeroed at
     padding, and their count ``sum_n m[b, n] * (sum_d m[d, n] - 1)``. One float32 dot product per
-    (b, n), as the relation's own entries, summed over positions in float64; blocks of ``chunk_size``
-    positions, so no temporary larger than (B, chunk_size, C) is made. No autograd: the gradient of a
+    (b, n), as the relation's own entries, summed over positions in float64; in blocks of ``step``
+    positions, so no temporary larger than (B, step, C) is made. No autograd: the gradient of a
     Pearson correlation through its means is zero (centered entries sum to zero over the valid set).
     """
     b, n = m.shape
-    step = n if chunk_size is None or chunk_size >= n else chunk_size
-    total = torch.zeros(b, dtype=torch.float64, device=hn.device)
+    total = torch.zeros(b, dtype=torch.float64, device=h.device)
     for start in range(0, n, step):
-        hv = hn[:, start : start + step] * m[:, start : start + step, None]  # (B, P, C)
+        hv = normalize_tokens(h[:, start : start + step]) * m[:, start : start + step, None]  # (B, P, C)
         dots = (hv * (hv.sum(0) - hv)).sum(-1)  # (B, P): hv[b, p] . (S_p - hv[b, p])
         total += dots.sum(1, dtype=torch.float64)
     md = m.double()  # (B, N)
@@ -189,14 +188,17 @@ def _other_sample_mean(hn: torch.Tensor, m: torch.Tensor, chunk_size: int | None
     return (total / count.clamp(min=1.0)).float(), count
 
 
-def _position_moments(hs, ht, m, mu_s, mu_t, start: int, stop: int):
-    """Centered second moments of positions ``start:stop`` of both sequence relations. Returns three (B,) tensors."""
-    ps = hs[:, start:stop].transpose(0, 1)  # (P, B, C_s)
-    pt = ht[:, start:stop].transpose(0, 1)  # (P, B, C_t)
+def _position_moments(h_s, h_t, m, mu_s, mu_t, start: int, stop: int):
+    """Centered second moments of positions ``start:stop`` of both sequence relations. Returns three (B,) tensors.
+
+    Normalises only the block's tokens, so that nothing of size (B, N, C) is made beyond the inputs.
+    """
+    ps = normalize_tokens(h_s[:, start:stop]).transpose(0, 1)  # (P, B, C_s)
+    pt = normalize_tokens(h_t[:, start:stop]).transpose(0, 1)  # (P, B, C_t)
     rs = ps @ ps.transpose(1, 2)  # (P, B, B): rs[p, b, d] = cos(h_s[b, start + p], h_s[d, start + p])
     rt = pt @ pt.transpose(1, 2)  # (P, B, B)
     mp = m[:, start:stop].t()  # (P, B)
-    not_self = ~torch.eye(hs.shape[0], dtype=torch.bool, device=hs.device)  # (B, B)
+    not_self = ~torch.eye(h_s.shape[0], dtype=torch.bool, device=h_s.device)  # (B, B)
     valid = (mp[:, :, None] & mp[:, None, :] & not_self).float()  # (P, B, B)
     xs = (rs - mu_s[None, :, None]) * valid
     xt = (rt - mu_t[None, :, None]) * valid
@@ -216,9 +218,10 @@ def sequence_correlation(
     Equal (to float rounding) to ``pearson_correlation(R_s, R_t, valid)`` with the rows of
     :func:`sequence_relation` (kind ``"position"``): row b's entries are ``cos(h[b, n], h[d, n])`` over
     the (n, d) with d != b and both tokens real. The row means come in closed form and the centered
-    moments are summed over blocks of ``chunk_size`` positions; with autograd on, each block is
-    recomputed in backward (activation checkpointing), so memory is O(chunk_size * B^2) per model
-    instead of O(N * B^2), which grows with the all-gathered global batch.
+    moments are summed over blocks of ``chunk_size`` positions, each normalising only its own tokens;
+    with autograd on, each block is recomputed in backward (activation checkpointing), so memory beyond
+    the inputs and their gradient is O(chunk_size * B * (B + C)) per model instead of O(N * B * (B + C)):
+    the (B, N, B) relation grows with the all-gathered global batch.
 
     Args:
         h_s: (B, N, C_s) student features. h_t: (B, N, C_t) teacher features (no gradient needed).
@@ -231,8 +234,9 @@ def sequence_correlation(
         (FCD_SPEC: a batch of 1, or a row with fewer, contributes nothing).
     """
     m = mask.bool()
-    hs, ht = normalize_tokens(h_s), normalize_tokens(h_t)  # (B, N, C_s), (B, N, C_t)
-    mu_s, count = _other_sample_mean(hs, m, chunk_size)  # (B,), (B,)
-    mu_t, _ = _other_sample_mean(ht, m, chunk_size)
-    rho = _blocked_correlation(_position_moments, hs, ht, m, mu_s, mu_t, chunk_size, eps)
+    n = m.shape[1]
+    step = n if chunk_size is None or chunk_size >= n else chunk_size
+    mu_s, count = _other_sample_mean(h_s, m, step)  # (B,), (B,)
+    mu_t, _ = _other_sample_mean(h_t, m, step)
+    rho = _blocked_correlation(_position_moments, h_s, h_t, m, mu_s, mu_t, chunk_size, eps)
     return rho, count >= 2
