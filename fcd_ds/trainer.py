@@ -264,6 +264,26 @@ def evaluate(job: Job) -> dict:
     return job.state.metrics
 
 
+def _peak_memory_per_rank() -> dict:
+    """Every rank's peak resident host memory (``ru_maxrss``, GiB) and, on GPUs, peak allocated device
+    memory (``max_memory_allocated``, GiB). Collective."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+            acc.max_memory_allocated() / 2**30 if acc.device_name() != "cpu" else None]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    out = {"peak_host_memory_gib_per_rank": [m[0] for m in every]}
+    if mine[1] is not None:
+        out["peak_device_memory_gib_per_rank"] = [m[1] for m in every]
+    return out
+
+
 def save(job: Job, metrics: dict) -> dict:
     """Export the trained model (``student/`` or ``model/``, with its model card) and write metrics.json
     (rank 0) and the final eval scalars to TensorBoard. Collective. Returns the full metrics.
@@ -289,6 +309,7 @@ def save(job: Job, metrics: dict) -> dict:
                "world_size": job.world,
                "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0),
                "teacher_param_shard_numel_per_rank": job.teacher_shares,
+               **_peak_memory_per_rank(),
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
     job.stop.check("export")
