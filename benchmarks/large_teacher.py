@@ -30,12 +30,12 @@ SHAPE = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=8192, num
              num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192)
 
 
-def make_teacher(tokenizer: Path, dest: Path) -> int:
+def make_teacher(tokenizer: Path, dest: Path, shape: dict) -> int:
     """Save the random-init teacher (bf16) with the tokenizer once; returns its parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPE, rms_norm_eps=1e-5, rope_theta=130000, hidden_act="silu", bos_token_id=0, eos_token_id=0)
+    cfg = LlamaConfig(**shape, rms_norm_eps=1e-5, rope_theta=130000, hidden_act="silu", bos_token_id=0, eos_token_id=0)
     if not (dest / "config.json").is_file():
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -58,7 +58,11 @@ def main() -> None:
     p.add_argument("--micro_batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
+    p.add_argument("--shape", default="", help="override the teacher shape, e.g. 'hidden_size=64,num_hidden_layers=3,"
+                   "intermediate_size=128,num_attention_heads=4,num_key_value_heads=4' (a CPU smoke test)")
+    p.add_argument("--student_num_layers", type=int, default=8)
     args = p.parse_args()
+    shape = {**SHAPE, **{k: int(v) for k, v in (item.split("=") for item in args.shape.split(",") if item)}}
 
     import torch
 
@@ -66,15 +70,15 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_numel = make_teacher(Path(args.tokenizer), out / "teacher")
-    measured = measure_matmul_tflops(n=8192, dtype=torch.bfloat16)
+    teacher_numel = make_teacher(Path(args.tokenizer), out / "teacher", shape)
+    measured = measure_matmul_tflops(n=8192 if torch.cuda.is_available() else 1024, dtype=torch.bfloat16)
     cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     cfg["bf16"] = {"enabled": True}
     cfg["optimizer"]["params"]["torch_adam"] = True
     ds_json = out / "zero3_bf16.json"
     ds_json.write_text(json.dumps(cfg, indent=2))
     run = out / "run"
-    flags = ["--teacher", out / "teacher", "--student_num_layers", 8, "--deepspeed_config", ds_json, "--loss", "ce+fcd",
+    flags = ["--teacher", out / "teacher", "--student_num_layers", args.student_num_layers, "--deepspeed_config", ds_json, "--loss", "ce+fcd",
              "--train_file", args.train_file, "--validation_file", args.validation_file, "--max_seq_length", args.seq,
              "--per_device_train_batch_size", args.micro_batch, "--per_device_eval_batch_size", args.micro_batch,
              "--max_eval_samples", args.micro_batch * args.num_gpus, "--max_steps", args.max_steps, "--warmup_steps", 1,

@@ -269,7 +269,6 @@ def _peak_memory_per_rank() -> dict:
     memory (``max_memory_allocated``, GiB). Collective."""
     import resource
 
-    import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
