@@ -179,3 +179,22 @@ def test_fresh_student_from_a_config_file_at_zero3(tiny_models, corpus, tmp_path
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 32
     assert reloaded_eval_loss(out / "student", corpus) == pytest.approx(metrics["student_eval_loss"], abs=1e-4)
+
+
+def test_teacher_offload_shards_the_teacher_under_a_zero2_student(tiny_models, corpus, tmp_path):
+    """--teacher_offload cpu: the teacher becomes a ZeRO-3 engine with offload_param (partitioned over
+    both ranks) while the student trains at ZeRO-2; same first-step losses as the whole teacher."""
+    base = ["--teacher", tiny_models["llama_teacher"], "--student", tiny_models["llama_student"], "--max_steps", 1,
+            "--deepspeed_config", DS_CONFIG_DIR / "zero2.json"]
+    runs = {}
+    for name, extra in (("whole", []), ("offload", ["--teacher_offload", "cpu"])):
+        runs[name] = tmp_path / name
+        assert_ok(run_launcher([*base, *extra, *common(corpus, runs[name])]))
+    metrics = json.loads((runs["offload"] / "metrics.json").read_text())
+    assert_teacher_sharded(metrics, tiny_models["llama_teacher"])
+    assert len(metrics["peak_host_memory_gib_per_rank"]) == 2 and min(metrics["peak_host_memory_gib_per_rank"]) > 0.1
+    whole = json.loads((runs["whole"] / "metrics.json").read_text())
+    assert whole["teacher_param_shard_numel_per_rank"] == [numel(tiny_models["llama_teacher"])] * 2
+    first = {name: read_train_log(out)[0] for name, out in runs.items()}
+    for key in ("train/loss/ce", "train/loss/fcd"):
+        assert first["offload"][key] == pytest.approx(first["whole"][key], abs=1e-5), key

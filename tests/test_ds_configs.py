@@ -86,3 +86,15 @@ def test_a_non_editable_install_ships_the_json_inside_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": ""}).stdout.split()
     assert out == [str(site / "fcd_ds" / "ds_configs" / "zero2.json"), "True"]
+
+
+def test_teacher_offload_flag_makes_the_teacher_zero3_with_offload_param():
+    student2 = resolve_ds_config(load_ds_config(str(DS_CONFIG_DIR / "zero2.json")), TrainArguments())
+    assert zero_stage(teacher_ds_config(student2)) == 0
+    offloaded = teacher_ds_config(student2, "cpu")
+    assert offloaded["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}
+    student3 = resolve_ds_config(load_ds_config(str(DS_CONFIG_DIR / "zero3.json")), TrainArguments())
+    student3["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    assert teacher_ds_config(student3)["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_param" not in teacher_ds_config(student3, "none")["zero_optimization"]
+    assert teacher_ds_config(student3, "none")["zero_optimization"]["stage"] == 3

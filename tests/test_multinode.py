@@ -1,0 +1,76 @@
+"""launchers/multinode.sh: DeepSpeed's hostfile launcher behind a check of the hostfile. Bad hostfiles
+get one ``error:`` line and exit 2; the command line for 2 nodes x 8 GPUs; a real run on a one-host
+hostfile (DeepSpeed's local launcher, 2 ranks), rerun to show that --auto_resume continues it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO, free_port, read_train_log
+
+SCRIPT = REPO / "launchers" / "multinode.sh"
+
+
+def multinode(hostfile, *flags, dry: bool = False) -> subprocess.CompletedProcess:
+    """Run the script with a free MASTER_PORT (kept as ``result.args_port``); DeepSpeed's ssh check off
+    (its runner tries ssh even for one host)."""
+    port = str(free_port())
+    env = {**os.environ, "FCD_DS_DRY_RUN": "1" if dry else "0", "MASTER_PORT": port, "DEEPSPEED_ARGS": "--no_ssh_check"}
+    result = subprocess.run(["bash", str(SCRIPT), str(hostfile), "launchers/distill_gpt.py", *map(str, flags)],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    result.args_port = port
+    return result
+
+
+@pytest.mark.parametrize("text, message", [
+    ("# only a comment\n\n", "names no host"),
+    ("node1\n", "line 1 of"),
+    ("node1 slots=0\n", "line 1 of"),
+    (None, "does not exist"),
+])
+def test_a_bad_hostfile_is_one_error_line(text, message, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    if text is not None:
+        hostfile.write_text(text)
+    result = multinode(hostfile, "--output_dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: hostfile: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_for_two_nodes_of_eight_gpus(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu-a slots=8  # first: the master\ngpu-b slots=8\n")
+    result = multinode(hostfile, "--deepspeed_config", "ds_configs/zero3.json", "--output_dir", "/shared/out/run1", dry=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "hosts: gpu-a gpu-b (2 nodes, 16 ranks)"
+    words = lines[1].split()
+    assert words[:5] == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu-a"]
+    assert words[5:8] == ["--master_port", result.args_port, "--no_ssh_check"] and words[8:] == ["launchers/distill_gpt.py", "--deepspeed_config", "ds_configs/zero3.json",
+                                                          "--output_dir", "/shared/out/run1", "--auto_resume"]
+    refused = multinode(hostfile, "--overwrite_output_dir", dry=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --overwrite_output_dir:")
+
+
+def test_a_one_host_hostfile_runs_and_a_rerun_auto_resumes(tiny_models, corpus, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    flags = ["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--max_steps", 2,
+             "--train_file", corpus["train"], "--validation_file", corpus["valid"], "--max_seq_length", 32,
+             "--per_device_train_batch_size", 2, "--max_eval_samples", 8, "--output_dir", out]
+    first = multinode(hostfile, *flags)
+    assert first.returncode == 0, first.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    # the same command again: the run is complete, --auto_resume resumes it at step 2 and exports again
+    again = multinode(hostfile, *flags)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert [r["step"] for r in read_train_log(out)] == [1, 2]
+    assert json.loads((out / "metrics.json").read_text())["student_eval_loss"] == pytest.approx(metrics["student_eval_loss"], abs=1e-6)
