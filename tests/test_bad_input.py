@@ -120,3 +120,31 @@ def test_help_lists_the_flags():
     for flag in ("--teacher", "--student_num_layers", "--layer_map", "--fcd_weight", "--kd_temperature", "--deepspeed_config",
                  "--resume", "--overwrite_output_dir", "--max_seq_length", "--peak_tflops"):
         assert flag in result.stdout
+
+
+def test_auto_resume_refuses_another_run_and_restarts_an_attempt_without_checkpoint(base_args, tmp_path, capsys):
+    """--auto_resume decides from run_config.json: another run's folder is refused naming what differs;
+    the same run without a checkpoint starts afresh; with a checkpoint it resumes."""
+    from fcd_ds.config import parse_args
+    from fcd_ds.plan import plan_run
+
+    out = tmp_path / "out"
+    plan = plan_run(*parse_args([str(a) for a in base_args]), distill_gpt.LAUNCHER)
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps(plan.run_config(2)))
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    (out / "my_notes.txt").write_text("mine")
+    before = snapshot(out)
+    code, err = run_main(base_args + ["--auto_resume", "--learning_rate", "1e-3", "--kd_weight", "0.5"], capsys)
+    assert code == 2 and len(err) == 1 and snapshot(out) == before
+    assert err[0].startswith(f"error: --auto_resume: {out} holds another run (it differs in ")
+    assert "distill.kd_weight" in err[0] and "train.learning_rate" in err[0]
+    same = plan_run(*parse_args([str(a) for a in base_args + ["--auto_resume"]]), distill_gpt.LAUNCHER)
+    assert not same.train_args.resume and same.train_args.overwrite_output_dir  # an attempt that saved nothing
+    (out / "checkpoints" / "global_step3").mkdir(parents=True)
+    (out / "checkpoints" / "global_step3" / "trainer_state.json").write_text(json.dumps({"data_layout": same.layout(1)}))
+    (out / "checkpoints" / "latest").write_text("global_step3")
+    again = plan_run(*parse_args([str(a) for a in base_args + ["--auto_resume"]]), distill_gpt.LAUNCHER)
+    assert again.train_args.resume and not again.train_args.overwrite_output_dir
+    code, err = run_main(base_args + ["--auto_resume", "--resume"], capsys)
+    assert code == 2 and err == ["error: --resume and --auto_resume contradict each other; pass one"]
