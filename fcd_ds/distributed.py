@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_with_grad", "release_deepspeed_shm_buffer"]
+__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_gather_with_grad", "all_gather_no_grad", "release_deepspeed_shm_buffer"]
 
 
 def rank() -> int:
@@ -81,6 +81,11 @@ class _AllGatherGrad(torch.autograd.Function):
     When every rank evaluates the same function of the gathered tensor, the summed gradient is world
     times the true one, which DeepSpeed's gradient averaging divides back: parameters then receive the
     exact gradient of the global-batch loss. all_reduce (not reduce_scatter) so that gloo works too.
+
+    Why not ``torch.distributed.nn.functional.all_gather``: measured here (torch 2.13, gloo), its
+    backward gives wrong gradients when the incoming gradient is not contiguous (the FCD sequence term
+    computed in one block produces such a gradient): its all-to-all emulation scatters into
+    ``empty_like`` buffers that keep the gradient's strides. tests/test_global_batch.py covers that case.
     """
 
     @staticmethod
@@ -96,31 +101,8 @@ class _AllGatherGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all_gather along dim 0: (B, ...) -> (world * B, ...); identity without a group."""
+    """Differentiable all_gather along dim 0: (B, ...) -> (world * B, ...); identity without a group.
+    Shapes must match across ranks. See :class:`_AllGatherGrad` for the gradient."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return _AllGatherGrad.apply(x)
-
-
-class _AllReduceGrad(torch.autograd.Function):
-    """all_reduce (sum) in forward and in backward (the semantics of ``torch.distributed.nn.all_reduce``):
-    every rank's copy of the sum sends its gradient back to every summand."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over ranks (same shape); identity without a process group."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return _AllReduceGrad.apply(x)

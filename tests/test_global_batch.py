@@ -34,7 +34,9 @@ def _worker(rank, port, kind, out):
     x_s, h_t, w, mask = _inputs()
     part = slice(3 * rank, 3 * rank + 3)
     w = w.clone().requires_grad_(True)
-    loss = fcd_loss(x_s[part] @ w, h_t[part], mask[part], sequence_relation=kind, global_batch=True)
+    # chunk_size None: the sequence term in one block, whose gradient w.r.t. the gathered features is not
+    # contiguous (torch.distributed.nn.functional.all_gather got that case wrong on gloo)
+    loss = fcd_loss(x_s[part] @ w, h_t[part], mask[part], sequence_relation=kind, global_batch=True, chunk_size=None)
     loss.backward()
     dist.all_reduce(w.grad)
     w.grad /= 2  # DeepSpeed's data-parallel gradient averaging

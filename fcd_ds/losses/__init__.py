@@ -3,6 +3,7 @@
 from .correlation import mean_one_minus_rho, pearson_correlation
 from .dist import dist_loss
 from .fcd import FCDTerms, fcd_loss, fcd_terms, sequence_loss, token_loss
+from .fused import FusedLogitLosses, fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kd
 from .hidden_mse import hidden_mse_loss
 from .kd import logit_kd_loss
 from .lm import causal_lm_loss, masked_lm_loss
@@ -18,12 +19,16 @@ from .relations import (
 
 __all__ = [
     "FCDTerms",
+    "FusedLogitLosses",
     "SEQUENCE_RELATIONS",
     "attention_relation",
     "causal_lm_loss",
     "dist_loss",
     "fcd_loss",
     "fcd_terms",
+    "fused_linear_ce_kd",
+    "fused_linear_cross_entropy",
+    "fused_linear_kd",
     "hidden_mse_loss",
     "logit_kd_loss",
     "masked_lm_loss",

@@ -8,7 +8,7 @@ import torch
 
 from ..distributed import all_gather_no_grad, all_gather_with_grad
 from .correlation import mean_one_minus_rho, pearson_correlation
-from .relations import SEQUENCE_RELATIONS, sequence_correlation, sequence_relation, token_correlation
+from .relations import SEQUENCE_RELATIONS, mean_pool, pooled_relation, sequence_correlation, token_correlation
 
 __all__ = ["FCDTerms", "fcd_terms", "fcd_loss", "token_loss", "sequence_loss"]
 
@@ -78,15 +78,20 @@ def sequence_loss(
     """
     _check(h_s, h_t, mask)
     h_t = h_t.detach()
+    if kind == "pooled":  # pool first: a global batch gathers (B, C) pooled vectors, not (B, N, C) features
+        (p_s, has_token), (p_t, _) = mean_pool(h_s, mask), mean_pool(h_t, mask)  # (B, C_s), (B,); (B, C_t)
+        if global_batch:
+            p_s, p_t, has_token = all_gather_with_grad(p_s), all_gather_no_grad(p_t), all_gather_no_grad(has_token)
+        rel_s, valid = pooled_relation(p_s, has_token)  # (B, B), (B, B)
+        rel_t, _ = pooled_relation(p_t, has_token)
+        rho = pearson_correlation(rel_s, rel_t, valid)  # (B,)
+        return mean_one_minus_rho(rho, valid.sum(-1) >= 2)
+    if kind != "position":
+        raise ValueError(f"sequence_loss: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")
     if global_batch:
         h_s, h_t, mask = all_gather_with_grad(h_s), all_gather_no_grad(h_t), all_gather_no_grad(mask)
-    if kind == "position":
-        rho, counts = sequence_correlation(h_s, h_t, mask, chunk_size=chunk_size)  # (B,), (B,)
-        return mean_one_minus_rho(rho, counts)
-    rel_s, valid = sequence_relation(h_s, mask, kind)  # (B, B), (B, B)
-    rel_t, _ = sequence_relation(h_t, mask, kind)
-    rho = pearson_correlation(rel_s, rel_t, valid)  # (B,)
-    return mean_one_minus_rho(rho, valid.sum(-1) >= 2)
+    rho, counts = sequence_correlation(h_s, h_t, mask, chunk_size=chunk_size)  # (B,), (B,)
+    return mean_one_minus_rho(rho, counts)
 
 
 def fcd_terms(

@@ -17,6 +17,8 @@ __all__ = [
     "token_relation",
     "token_correlation",
     "sequence_relation",
+    "mean_pool",
+    "pooled_relation",
     "sequence_correlation",
     "SEQUENCE_RELATIONS",
 ]
@@ -157,13 +159,39 @@ def sequence_relation(
         valid = m[:, :, None] & m.t()[None, :, :] & not_self[:, None, :]  # (B, N, B)
         return rel.reshape(b, -1), valid.reshape(b, -1)  # (B, N * B)
     if kind == "pooled":
-        w = m.float()[..., None]  # (B, N, 1)
-        pooled = (h.float() * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, C)
-        pn = F.normalize(pooled, dim=-1, eps=NORM_EPS)
-        has_token = m.any(1)
-        valid = has_token[:, None] & has_token[None, :] & not_self  # (B, B)
-        return pn @ pn.t(), valid
+        return pooled_relation(*mean_pool(h, mask))
     raise ValueError(f"sequence_relation: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each sample's real tokens, in float32. (B, N, C) -> ``(pooled (B, C), has_token (B,) bool)``."""
+    m = mask.bool()
+    w = m.float()[..., None]  # (B, N, 1)
+    return (h.float() * w).sum(1) / w.sum(1).clamp(min=1.0), m.any(1)
+
+
+def pooled_relation(pooled: torch.Tensor, has_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample-to-sample cosines of pooled vectors (the ``pooled`` sequence relation).
+
+    Args:
+        pooled: (B, C) pooled features (:func:`mean_pool`). has_token: (B,) bool.
+
+    Returns:
+        ``(R (B, B) float32, valid (B, B) bool)``, valid off the diagonal where both samples have a token.
+    """
+    pn = F.normalize(pooled.float(), dim=-1, eps=NORM_EPS)  # (B, C)
+    not_self = ~torch.eye(pooled.shape[0], dtype=torch.bool, device=pooled.device)
+    return pn @ pn.t(), has_token[:, None] & has_token[None, :] & not_self
+
+
+def _position_block(h: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of positions ``start:stop`` position-major, and one over their clamped norms. -> (P, B, C), (P, B).
+
+    ``hp[p, b] / max(||hp[p, b]||, 1e-6)`` is :func:`normalize_tokens` of the block, never formed: the
+    cosines come from the raw products, scaled (no normalised copy of the features).
+    """
+    hp = h[:, start:stop].float().transpose(0, 1)  # (P, B, C)
+    return hp, 1.0 / torch.linalg.vector_norm(hp, dim=-1).clamp(min=NORM_EPS)  # (P, B)
 
 
 @torch.no_grad()
@@ -171,37 +199,37 @@ def _other_sample_mean(h: torch.Tensor, m: torch.Tensor, step: int) -> tuple[tor
     """Mean and count of each sequence-relation row's valid entries without forming them. (B, N, C) -> (B,), (B,).
 
     Row b's entries are ``hn[b, n] . hn[d, n]`` for d != b with both tokens real (hn: ``h`` normalised);
-    their sum is ``sum_n hv[b, n] . (S_n - hv[b, n])`` with ``S_n = sum_d hv[d, n]`` and hv = hn zeroed at
-    padding, and their count ``sum_n m[b, n] * (sum_d m[d, n] - 1)``. One float32 dot product per
-    (b, n), as the relation's own entries, summed over positions in float64; in blocks of ``step``
-    positions, so no temporary larger than (B, step, C) is made. No autograd: the gradient of a
-    Pearson correlation through its means is zero (centered entries sum to zero over the valid set).
+    their sum is ``sum_n hn[b, n] . (S_n - hn[b, n])`` over real (b, n), with ``S_n`` the sum of the real
+    ``hn[d, n]``, and their count ``sum_n m[b, n] * (sum_d m[d, n] - 1)``. One float32 dot product per
+    (b, n), as the relation's own entries, summed over positions in float64, in blocks of ``step``
+    positions. No autograd: the gradient of a Pearson correlation through its means is zero (centered
+    entries sum to zero over the valid set).
     """
     b, n = m.shape
     total = torch.zeros(b, dtype=torch.float64, device=h.device)
     for start in range(0, n, step):
-        hv = normalize_tokens(h[:, start : start + step]) * m[:, start : start + step, None]  # (B, P, C)
-        dots = (hv * (hv.sum(0) - hv)).sum(-1)  # (B, P): hv[b, p] . (S_p - hv[b, p])
-        total += dots.sum(1, dtype=torch.float64)
+        hp, inv = _position_block(h, start, min(start + step, n))  # (P, B, C), (P, B)
+        w = inv * m[:, start : start + step].t()  # (P, B): 1 / norm at real tokens, 0 at padding
+        sums = w[:, None, :] @ hp  # (P, 1, C): S_p
+        dots = (hp @ sums.transpose(1, 2)).squeeze(-1) * w  # (P, B, C) @ (P, C, 1) -> (P, B): hn[b, p] . S_p
+        self_dots = (w / inv).square()  # (P, B): ||hn[b, p]||^2 at real tokens
+        total += (dots - self_dots).sum(0, dtype=torch.float64)
     md = m.double()  # (B, N)
     count = (md * (md.sum(0) - 1.0)).sum(1)  # (B,)
     return (total / count.clamp(min=1.0)).float(), count
 
 
 def _position_moments(h_s, h_t, m, mu_s, mu_t, start: int, stop: int):
-    """Centered second moments of positions ``start:stop`` of both sequence relations. Returns three (B,) tensors.
-
-    Normalises only the block's tokens, so that nothing of size (B, N, C) is made beyond the inputs.
-    """
-    ps = normalize_tokens(h_s[:, start:stop]).transpose(0, 1)  # (P, B, C_s)
-    pt = normalize_tokens(h_t[:, start:stop]).transpose(0, 1)  # (P, B, C_t)
-    rs = ps @ ps.transpose(1, 2)  # (P, B, B): rs[p, b, d] = cos(h_s[b, start + p], h_s[d, start + p])
-    rt = pt @ pt.transpose(1, 2)  # (P, B, B)
+    """Centered second moments of positions ``start:stop`` of both sequence relations. Returns three (B,) tensors."""
     mp = m[:, start:stop].t()  # (P, B)
     not_self = ~torch.eye(h_s.shape[0], dtype=torch.bool, device=h_s.device)  # (B, B)
     valid = (mp[:, :, None] & mp[:, None, :] & not_self).float()  # (P, B, B)
-    xs = (rs - mu_s[None, :, None]) * valid
-    xt = (rt - mu_t[None, :, None]) * valid
+    xs = []
+    for h, mu in ((h_s, mu_s), (h_t, mu_t)):
+        hp, inv = _position_block(h, start, stop)  # (P, B, C), (P, B)
+        rel = (hp @ hp.transpose(1, 2)) * inv[:, :, None] * inv[:, None, :]  # (P, B, B): cos(h[b, p], h[d, p])
+        xs.append((rel - mu[None, :, None]) * valid)
+    xs, xt = xs
     return (xs * xt).sum((0, 2)), (xs * xs).sum((0, 2)), (xt * xt).sum((0, 2))
 
 
@@ -218,10 +246,11 @@ def sequence_correlation(
     Equal (to float rounding) to ``pearson_correlation(R_s, R_t, valid)`` with the rows of
     :func:`sequence_relation` (kind ``"position"``): row b's entries are ``cos(h[b, n], h[d, n])`` over
     the (n, d) with d != b and both tokens real. The row means come in closed form and the centered
-    moments are summed over blocks of ``chunk_size`` positions, each normalising only its own tokens;
-    with autograd on, each block is recomputed in backward (activation checkpointing), so memory beyond
-    the inputs and their gradient is O(chunk_size * B * (B + C)) per model instead of O(N * B * (B + C)):
-    the (B, N, B) relation grows with the all-gathered global batch.
+    moments are summed over blocks of ``chunk_size`` positions (cosines from the raw products scaled by
+    the inverse norms, so no normalised copy of the features is made); with autograd on, each block is
+    recomputed in backward (activation checkpointing), so memory beyond the inputs and their gradient
+    is O(chunk_size * B * (B + C)) per model instead of O(N * B * (B + C)): the (B, N, B) relation grows
+    with the all-gathered global batch.
 
     Args:
         h_s: (B, N, C_s) student features. h_t: (B, N, C_t) teacher features (no gradient needed).
