@@ -4,18 +4,21 @@ too large for one rank's memory cap distilled under that cap on 2 ranks.
     python benchmarks/teacher_memory.py              # appends its table to benchmarks/RESULTS.md
     python benchmarks/teacher_memory.py --no_write   # prints only
 
-Teacher: a random-init Llama of SmolLM2-360M's shape (32 blocks x 960, GQA 15/5 heads, 49,152 tokens,
-361.8M parameters, 1.35 GiB in fp32), saved once under outputs/bench_teacher_memory/ with SmolLM2's
-tokenizer (the asset step's). Student: a fresh 4 x 320 Llama with the same vocabulary (--student_config).
+Teacher: a random-init Llama of 24 blocks x 1536 (GQA 24/8 heads, MLP 6144, SmolLM2's 49,152 tokens,
+tied embeddings: 0.91B parameters, 3.4 GiB in fp32), saved once under outputs/bench_teacher_memory/ with
+SmolLM2's tokenizer (the asset step's), so that the teacher, not the process's fixed cost, decides
+whether a rank fits. Student: a fresh 4 x 320 Llama with the same vocabulary (--student_config).
 Every run: ZeRO-3 (ds_configs/zero3.json: student and teacher partitioned), --loss ce+fcd on the uniform
-map, 3 steps of 2 x 128 tokens per rank of the embedded BBC News text, no initial evaluation.
+map, 2 steps of 1 x 64 tokens per rank of the embedded BBC News text, no initial evaluation.
 
 Ranks are started by hand (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, as
 launchers/slurm/distill.sbatch does), each in its own cgroup-v1 memory group created under this
 process's own, so that a cap applies to one rank: ``memory.limit_in_bytes``; a rank over it is killed by
-the kernel (exit -9). Reported per rank: the peak resident memory (``ru_maxrss``, from the run's
-metrics.json) and the teacher parameters it holds (its ZeRO-3 shard). The cap is set between the 1-rank
-peak and the 2-rank per-rank peak measured first (or --cap_gib). Measures, asserts nothing.
+the kernel (exit -9). Reported per rank: the group's peak usage (``memory.max_usage_in_bytes``: what the
+cap limits; it includes page cache, e.g. of the teacher's safetensors, which the kernel reclaims under
+a cap), the peak resident memory (``ru_maxrss``, from the run's metrics.json) and the teacher parameters
+it holds (its ZeRO-3 shard). The cap is set half-way between the 1-rank and the largest 2-rank group peak
+measured first (or --cap_gib). Measures, asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from launch import REPO, spawn  # benchmarks/launch.py (python puts benchmarks/ 
 
 GIB = 2**30
 OUT = REPO / "outputs" / "bench_teacher_memory"
-TEACHER_SHAPE = dict(hidden_size=960, num_hidden_layers=32, intermediate_size=2560, num_attention_heads=15,
-                     num_key_value_heads=5)
+TEACHER_SHAPE = dict(hidden_size=1536, num_hidden_layers=24, intermediate_size=6144, num_attention_heads=24,
+                     num_key_value_heads=8)
 STUDENT_SHAPE = dict(hidden_size=320, num_hidden_layers=4, intermediate_size=864, num_attention_heads=5,
                      num_key_value_heads=5)
 
@@ -96,10 +99,12 @@ def row(r: dict, teacher_numel: int) -> str:
     cap = f"{r['cap_gib']:.2f}" if r["cap_gib"] else "none"
     if m is None:
         why = "killed by the cap (SIGKILL)" if any(c == -9 for c in r["codes"] if c != "timeout") else f"failed {r['codes']}"
-        return f"| {r['name']} | {r['ranks']} | {cap} | {why} | - | - | {r['seconds']:.0f} |"
+        group = ", ".join(f"{v:.2f}" for v in r["cgroup_peak_gib"])
+        return f"| {r['name']} | {r['ranks']} | {cap} | {why} | {group} | - | - | {r['seconds']:.0f} |"
     rss = ", ".join(f"{v:.2f}" for v in m["peak_host_memory_gib_per_rank"])
+    group = ", ".join(f"{v:.2f}" for v in r["cgroup_peak_gib"])
     shard = ", ".join(f"{s * 4 / GIB:.2f} ({s / teacher_numel:.0%})" for s in m["teacher_param_shard_numel_per_rank"])
-    return f"| {r['name']} | {r['ranks']} | {cap} | completed, {m['steps']} steps | {rss} | {shard} | {r['seconds']:.0f} |"
+    return f"| {r['name']} | {r['ranks']} | {cap} | completed, {m['steps']} steps | {group} | {rss} | {shard} | {r['seconds']:.0f} |"
 
 
 def main() -> None:
@@ -119,25 +124,24 @@ def main() -> None:
     with torch.device("meta"):
         teacher_numel = sum(p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(teacher)).parameters())
     flags = ["--teacher", teacher, "--student_config", student_cfg, "--deepspeed_config", "ds_configs/zero3.json",
-             "--loss", "ce+fcd", "--max_steps", 3, "--max_seq_length", 128, "--per_device_train_batch_size", 2,
-             "--per_device_eval_batch_size", 2, "--max_eval_samples", 8, "--eval_on_start", "false", "--warmup_steps", 1]
+             "--loss", "ce+fcd", "--max_steps", 2, "--max_seq_length", 64, "--per_device_train_batch_size", 1,
+             "--per_device_eval_batch_size", 1, "--max_eval_samples", 2, "--eval_on_start", "false", "--warmup_steps", 1]
     results = [run("1 rank", 1, flags, None, cgroups, args.timeout), run("2 ranks", 2, flags, None, cgroups, args.timeout),
                run("2 ranks, --teacher_offload cpu", 2, [*flags, "--teacher_offload", "cpu"], None, cgroups, args.timeout)]
     cap = args.cap_gib
     if cap is None:
-        one, two = results[0]["metrics"], results[1]["metrics"]
-        if one is None or two is None:
+        if results[0]["metrics"] is None or results[1]["metrics"] is None:
             sys.exit("error: an uncapped run failed; pass --cap_gib")
-        cap = (max(one["peak_host_memory_gib_per_rank"]) + max(two["peak_host_memory_gib_per_rank"])) / 2
+        cap = (max(results[0]["cgroup_peak_gib"]) + max(results[1]["cgroup_peak_gib"])) / 2
     results += [run("1 rank, capped", 1, flags, cap, cgroups, args.timeout), run("2 ranks, capped", 2, flags, cap, cgroups, args.timeout)]
 
     from fcd_ds.metrics import measure_matmul_tflops
 
-    lines = [f"Teacher {teacher_numel / 1e6:.1f}M parameters ({teacher_numel * 4 / GIB:.2f} GiB fp32); "
+    lines = [f"Teacher {teacher_numel / 1e9:.2f}B parameters ({teacher_numel * 4 / GIB:.2f} GiB fp32); "
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"fp32 matmul {measure_matmul_tflops() * 1e3:.0f} GFLOP/s.", "",
-             "| run | ranks | cap per rank (GiB) | result | peak RSS per rank (GiB) | teacher shard per rank (GiB, share) | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | ranks | cap per rank (GiB) | result | group peak per rank (GiB) | peak RSS per rank (GiB) | teacher shard per rank (GiB, share) | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [row(r, teacher_numel) for r in results]
     table = "\n".join(lines)
     print(table)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
 from .layer_map import LayerPair
 from .losses import causal_lm_loss, dist_loss, fcd_terms, hidden_mse_loss, minilm_loss
@@ -93,6 +94,10 @@ class DistillEngine:
         self.student_attention = AttentionCapture(student.module, [p.student for p in self.attention_pairs]) if attn else None
         self.teacher_attention = AttentionCapture(teacher.module, [p.teacher for p in self.attention_pairs]) if attn else None
         self.projection = hidden_projection(student.module)
+        # Without a logit term the teacher runs only to the deepest block a loss reads (no norm, no head).
+        needed = [p.teacher for p in pairs if feats] + [p.teacher for p in self.attention_pairs if attn]
+        self.teacher_exit = (EarlyExit(teacher.module, max(needed) + 1)
+                             if teacher is not None and needed and not distill.uses_teacher_logits else None)
         # Whether the student's head output feeds a loss; if not, a causal LM computes one position's logits.
         self.student_logits = bool(distill.ce_weight or distill.uses_teacher_logits)
 
@@ -107,17 +112,17 @@ class DistillEngine:
     @torch.no_grad()
     def teacher_forward(self, batch: dict) -> TeacherView:
         """Teacher block features and attention vectors that the losses need, and the head's outputs
-        only when a logit term (kd, dist) is on; otherwise the base model runs without the head."""
-        inputs = self.task.model_inputs(batch)
-        with _recording(self.teacher_capture, self.teacher_attention):
-            if self.args.uses_teacher_logits:
-                outputs = self.teacher(**inputs)
-            else:
-                self.teacher.module.base_model(**inputs)
-                outputs = None
+        only when a logit term (kd, dist) is on. Always through the teacher's DeepSpeed engine (ZeRO-3
+        keeps its parameter-fetch trace and prefetching); without a logit term, only as deep as the
+        deepest block a loss reads (:class:`~fcd_ds.early_exit.EarlyExit`)."""
+        logits = self.args.uses_teacher_logits
+        inputs = self.task.model_inputs(batch, logits=logits)
+        cut = self.teacher_exit.active() if self.teacher_exit is not None else nullcontext()
+        with _recording(self.teacher_capture, self.teacher_attention), cut:
+            outputs = self.teacher(**inputs)
         feats = dict(self.teacher_capture.features) if self.teacher_capture is not None else {}
         attn = dict(self.teacher_attention.features) if self.teacher_attention is not None else {}
-        return TeacherView(feats, attn, outputs)
+        return TeacherView(feats, attn, outputs if logits else None)
 
     def losses(self, batch: dict, teacher: TeacherView | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student forward and every loss term that is on. Returns ``(total, terms)``; ``terms`` holds the
