@@ -123,7 +123,8 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
     """Forward: the chunk loop (losses and gradients together). Backward: the kept gradients times grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, targets, keep, counts, weights, temperature, chunk_size):
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, targets, keep, counts, weights, temperature,
+                chunk_size):
         teacher = None if t_hidden is None else _Head(t_hidden, t_weight, t_bias)
         sums, grads = _chunk_loop(_Head(hidden, weight, bias), teacher, targets, keep, counts, weights,
                                   temperature=temperature, chunk_size=chunk_size, needs=tuple(ctx.needs_input_grad[:3]))
@@ -143,8 +144,8 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{name}: hidden {tuple(hidden.shape)}, head weight {tuple(weight.shape)}: expected (B, N, C), (V, C)")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(f"{name}: hidden {hidden.dtype}, head weight {weight.dtype}, bias {None if bias is None else bias.dtype}: "
-                         "expected one dtype (the head's)")
+        bias_dtype = None if bias is None else bias.dtype
+        raise ValueError(f"{name}: hidden {hidden.dtype}, head weight {weight.dtype}, bias {bias_dtype}: expected one dtype")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"{name}: head bias {tuple(bias.shape)}, expected ({weight.shape[0]},)")
 
@@ -156,7 +157,8 @@ def _fused(name, hidden, weight, bias, teacher, input_ids, mask, *, ce_weight, k
     b, n, _ = hidden.shape
     if mask.shape != (b, n) or (input_ids is not None and input_ids.shape != (b, n)):
         shape = None if input_ids is None else tuple(input_ids.shape)
-        raise ValueError(f"{name}: hidden {tuple(hidden.shape)}, mask {tuple(mask.shape)}, input_ids {shape}: expected (B, N, C), (B, N), (B, N)")
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)}, mask {tuple(mask.shape)}, input_ids {shape}: "
+                         "expected (B, N, C), (B, N), (B, N)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
     if teacher is not None:
@@ -167,7 +169,8 @@ def _fused(name, hidden, weight, bias, teacher, input_ids, mask, *, ce_weight, k
         if t_hidden.shape[:2] != (b, n) or t_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"{name}: student hidden {tuple(hidden.shape)}, head {tuple(weight.shape)}; teacher hidden "
                              f"{tuple(t_hidden.shape)}, head {tuple(t_weight.shape)}: expected the same (B, N) and vocabulary V")
-        teacher = _Head(t_hidden.detach().reshape(b * n, -1), t_weight.detach(), None if teacher.bias is None else teacher.bias.detach())
+        t_bias = None if teacher.bias is None else teacher.bias.detach()
+        teacher = _Head(t_hidden.detach().reshape(b * n, -1), t_weight.detach(), t_bias)  # (B*N, C_t), (V, C_t), (V,)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     one = torch.ones((), dtype=acc, device=hidden.device)
     targets = keep = None
@@ -216,7 +219,7 @@ def fused_linear_cross_entropy(
         weight: (V, C) the LM head weight; bias: (V,) or None.
         input_ids: (B, N) token ids. mask: (B, N), 1 = real token.
         reduction: ``"mean"`` over counted targets or ``"sum"``.
-        chunk_size: tokens (of the B * N) per chunk; memory about 5 x chunk_size x V floats.
+        chunk_size: tokens (of the B * N) per chunk; memory about 6 x chunk_size x V floats.
 
     Returns:
         Scalar in nats, float32 (float64 for float64 inputs). With no counted target, 0 with a zero
@@ -255,7 +258,7 @@ def fused_linear_kd(
         teacher_hidden: (B, N, C_t), teacher_weight: (V, C_t): the teacher's; no gradient reaches them.
         mask: (B, N), 1 = count the token (no shift: every attended position, as ``logit_kd_loss``).
         temperature: T > 0. student_bias, teacher_bias: (V,) or None.
-        chunk_size: tokens per chunk; memory about 5 x chunk_size x V floats.
+        chunk_size: tokens per chunk; memory about 6 x chunk_size x V floats.
 
     Returns:
         Scalar >= 0 (nats), float32 (float64 for float64 inputs); 0 with a zero gradient when the mask is empty.
@@ -263,8 +266,8 @@ def fused_linear_kd(
     Raises:
         ValueError: ``temperature <= 0``, shapes or vocabularies disagree, ``chunk_size < 1``.
     """
-    return _fused("fused_linear_kd", student_hidden, student_weight, student_bias, _Head(teacher_hidden, teacher_weight, teacher_bias),
-                  None, mask, ce_weight=0.0, kd_weight=1.0, temperature=temperature, chunk_size=chunk_size).loss
+    teacher = _Head(teacher_hidden, teacher_weight, teacher_bias)
+    return _fused("fused_linear_kd", student_hidden, student_weight, student_bias, teacher, None, mask, ce_weight=0.0, kd_weight=1.0, temperature=temperature, chunk_size=chunk_size).loss
 
 
 def fused_linear_ce_kd(
