@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
@@ -137,14 +138,17 @@ class DistillEngine:
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
         used_outputs = False
         if w["ce"]:
-            task_loss = self.task.task_loss(outputs, batch)
+            with record_function("loss/ce"):
+                task_loss = self.task.task_loss(outputs, batch)
             if task_loss is not None:
                 terms["loss/ce"], used_outputs = task_loss, True
         if w["fcd"]:
             values = []
             for p in self.pairs:
-                t = fcd_terms(feats[p.student], teacher.features[p.teacher], mask, alpha=a.fcd_alpha, beta=a.fcd_beta,
-                              sequence_relation=a.fcd_sequence_relation, global_batch=a.fcd_global_batch, chunk_size=a.fcd_chunk_size)
+                with record_function("loss/fcd"):
+                    t = fcd_terms(feats[p.student], teacher.features[p.teacher], mask, alpha=a.fcd_alpha, beta=a.fcd_beta,
+                                  sequence_relation=a.fcd_sequence_relation, global_batch=a.fcd_global_batch,
+                                  chunk_size=a.fcd_chunk_size)
                 terms[f"fcd/{p.name}/token"], terms[f"fcd/{p.name}/sequence"] = t.token, t.sequence
                 values.append(a.fcd_alpha * t.token + a.fcd_beta * t.sequence)
             terms["loss/fcd"] = _pair_mean(self.pairs, values)
@@ -163,7 +167,8 @@ class DistillEngine:
                 values.append(terms[f"minilm/{p.name}"])
             terms["loss/minilm"] = _pair_mean(self.attention_pairs, values)
         if w["kd"]:
-            terms["loss/kd"], used_outputs = self.task.kd_loss(outputs, teacher.outputs, batch, a.kd_temperature), True
+            with record_function("loss/kd"):
+                terms["loss/kd"], used_outputs = self.task.kd_loss(outputs, teacher.outputs, batch, a.kd_temperature), True
         if w["dist"]:
             s_logits, sample_mask = self.task.distill_logits(outputs, batch)
             t_logits, _ = self.task.distill_logits(teacher.outputs, batch)
@@ -201,14 +206,16 @@ class DistillEngine:
             batch = self._to_device(next(micro_batches))
             _sync()
             t0 = time.perf_counter()
-            view = self.teacher_forward(batch) if self.needs_teacher else None
+            with record_function("teacher_forward"):
+                view = self.teacher_forward(batch) if self.needs_teacher else None
             _sync()
             t1 = time.perf_counter()
             total, terms = self.losses(batch, view)
             self.student.backward(total)
             _sync()
             t2 = time.perf_counter()
-            self.student.step()  # optimizer step and zero_grad only on the accumulation boundary
+            with record_function("optimizer_step"):
+                self.student.step()  # optimizer step and zero_grad only on the accumulation boundary
             _sync()
             t3 = time.perf_counter()
             for k, v in terms.items():
