@@ -24,20 +24,17 @@ when that is not allowed) minus the RSS with the inputs built (the inputs are 0.
 from __future__ import annotations
 
 import argparse
-import gc
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shlex
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
 from fcd_ds.losses import causal_lm_loss, fused_linear_ce_kd, logit_kd_loss
+from isolated import measure  # benchmarks/isolated.py
 from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 
 WIDTH, VOCAB, TEMPERATURE = 576, 49152, 2.0  # SmolLM2-135M (student = its depth-pruned copy: same width)
@@ -45,7 +42,7 @@ GIB = 2**30
 
 
 def build(case: dict):
-    """The case's inputs; returns (leaves that receive gradients, closure returning (loss, ce, kd))."""
+    """The case's inputs; returns (leaves that receive gradients, closure returning {loss, ce, kd})."""
     g = torch.Generator().manual_seed(0)
     b, n, c, v = case["B"], case["N"], case["C"], case["V"]
     h_s = torch.randn(b, n, c, generator=g).requires_grad_(True)
@@ -58,67 +55,12 @@ def build(case: dict):
             with torch.no_grad():
                 z_t = h_t @ w_t.T
             ce, kd = causal_lm_loss(z_s, ids, mask), logit_kd_loss(z_s, z_t, mask, temperature=TEMPERATURE)
-            return ce + kd, ce, kd
+            return {"loss": ce + kd, "ce": ce, "kd": kd}
         return [h_s, w_s], plain
-    return [h_s, w_s], lambda: fused_linear_ce_kd(h_s, w_s, h_t, w_t, ids, mask, temperature=TEMPERATURE,
-                                                  chunk_size=case["chunk"])
-
-
-def proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def run_case(case: dict, conn) -> None:
-    """Child process: build, warm up, time; sends a result dict (or {"error": ...})."""
-    try:
-        torch.randn(512, 512) @ torch.randn(512, 512)  # start the thread pool before the limit (thread stacks)
-        resource.setrlimit(resource.RLIMIT_AS, (proc_kib("VmSize") * 1024 + int(case["mem_limit_gib"] * GIB),) * 2)
-        leaves, fn = build(case)
-        gc.collect()
-        rss0 = proc_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            method = "VmHWM"
-        except OSError:
-            method = "ru_maxrss"
-        values = {}
-
-        def step() -> float:
-            start = time.perf_counter()
-            loss, ce, kd = fn()
-            loss.backward()
-            elapsed = time.perf_counter() - start
-            values.update(loss=loss.item(), ce=ce.item(), kd=kd.item())
-            for x in leaves:
-                x.grad = None
-            return elapsed
-
-        reps = case["repeats"] if step() <= 30 else 1  # warm-up
-        timed = [step() for _ in range(reps)]
-        hwm = proc_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(dict(s=statistics.median(timed), reps=reps, gib=(hwm - rss0) / 2**20, method=method,
-                       threads=torch.get_num_threads(), **values))
-    except Exception as e:  # noqa: BLE001 - any failure is a row of the table
-        oom = isinstance(e, MemoryError) or "allocate" in str(e)
-        conn.send(dict(error="out of memory" if oom else f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
-
-
-def measure(ctx, case: dict) -> dict:
-    """One case in a fresh process from the forkserver; a child killed by a signal is recorded, not raised."""
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=run_case, args=(case, send))
-    p.start()
-    send.close()
-    p.join()
-    try:
-        return recv.recv()
-    except EOFError:
-        pass
-    if p.exitcode is not None and p.exitcode < 0:
-        return dict(error="out of memory (killed)" if p.exitcode == -9 else f"crashed (signal {-p.exitcode})")
-    return dict(error=f"failed (exit code {p.exitcode})")
+    def fused():
+        loss, ce, kd = fused_linear_ce_kd(h_s, w_s, h_t, w_t, ids, mask, temperature=TEMPERATURE, chunk_size=case["chunk"])
+        return {"loss": loss, "ce": ce, "kd": kd}
+    return [h_s, w_s], fused
 
 
 def main() -> None:
@@ -140,8 +82,11 @@ def main() -> None:
     for n in seq_lens:
         plain = None
         for chunk in (None, *args.chunks):
-            case = dict(B=b, N=n, C=WIDTH, V=vocab, chunk=chunk, repeats=args.repeats, mem_limit_gib=args.mem_limit_gib)
-            r = measure(ctx, case)
+            case = dict(B=b, N=n, C=WIDTH, V=vocab, chunk=chunk, repeats=args.repeats, mem_limit_gib=args.mem_limit_gib,
+                        slow_seconds=30, slow_repeats=1)
+            r = measure(ctx, build, case)
+            if "error" not in r:
+                r.update(s=r["ms"] / 1e3, gib=r["mib"] / 1024, **r.pop("values"))
             plain = r if chunk is None else plain
             rows.append((n, chunk, r, plain))
             print(f"N={n} | {'plain' if chunk is None else f'fused {chunk}'}: {r}", flush=True)

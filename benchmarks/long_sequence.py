@@ -33,21 +33,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shlex
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
 from fcd_ds.config import DistillArguments
 from fcd_ds.losses import fcd_loss, mean_one_minus_rho, pearson_correlation, sequence_relation, token_relation
+from isolated import measure  # benchmarks/isolated.py
 from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 
 C_S, C_T = 192, 576
@@ -74,67 +71,14 @@ def plain_fcd_loss(h_s, h_t, mask, alpha: float) -> torch.Tensor:
 
 
 def build(case: dict):
-    """The case's student leaf and loss closure."""
+    """The case's student leaf (in a list) and loss closure."""
     b, n, alpha = case["B"], case["N"], case["alpha"]
     mask = torch.ones(b, n, dtype=torch.long)
     s, t = torch.randn(b, n, C_S, requires_grad=True), torch.randn(b, n, C_T)
     if case["form"] == "plain":
-        return s, lambda: plain_fcd_loss(s, t, mask, alpha)
+        return [s], lambda: plain_fcd_loss(s, t, mask, alpha)
     chunk = CHUNK if case["form"] == "chunked" else None
-    return s, lambda: fcd_loss(s, t, mask, alpha=alpha, beta=1.0, sequence_relation="position", chunk_size=chunk)
-
-
-def proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def run_case(case: dict, conn) -> None:
-    """Child process: build, warm up, time; sends a result dict (or {"error": ...})."""
-    try:
-        torch.randn(512, 512) @ torch.randn(512, 512)  # start the thread pool before the limit (thread stacks)
-        resource.setrlimit(resource.RLIMIT_AS, (proc_kib("VmSize") * 1024 + int(case["mem_limit_gib"] * GIB),) * 2)
-        leaf, fn = build(case)
-        gc.collect()
-        rss0 = proc_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            method = "VmHWM"
-        except OSError:
-            method = "ru_maxrss"
-
-        def step() -> float:
-            start = time.perf_counter()
-            fn().backward()
-            elapsed = time.perf_counter() - start
-            leaf.grad = None
-            return elapsed
-
-        reps = case["repeats"] if step() <= 10 else min(case["repeats"], 2)  # warm-up; a slow case gets 2 passes
-        timed = [step() for _ in range(reps)]
-        hwm = proc_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(dict(ms=1e3 * statistics.median(timed), reps=len(timed), mib=(hwm - rss0) / 1024, method=method,
-                       threads=torch.get_num_threads()))
-    except Exception as e:  # noqa: BLE001 - any failure is a row of the table
-        oom = isinstance(e, MemoryError) or "allocate" in str(e)
-        conn.send(dict(error="out of memory" if oom else f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
-
-
-def measure(ctx, case: dict) -> dict:
-    """One case in a fresh process from the forkserver; a child killed by a signal is recorded, not raised."""
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=run_case, args=(case, send))
-    p.start()
-    send.close()
-    p.join()
-    try:
-        return recv.recv()  # the child sent its result, or exited without (EOFError)
-    except EOFError:
-        pass
-    if p.exitcode is not None and p.exitcode < 0:
-        return dict(error="out of memory (killed)" if p.exitcode == -9 else f"crashed (signal {-p.exitcode})")
-    return dict(error=f"failed (exit code {p.exitcode})")
+    return [s], lambda: fcd_loss(s, t, mask, alpha=alpha, beta=1.0, sequence_relation="position", chunk_size=chunk)
 
 
 def table(results: dict, name: str, seq_lens, repeats: int, cap: float) -> list[str]:
@@ -174,7 +118,7 @@ def main() -> None:
         for n in seq_lens:
             for form in FORMS:
                 case = dict(form=form, B=b, N=n, alpha=alpha, repeats=args.repeats, mem_limit_gib=args.mem_limit_gib)
-                r = measure(ctx, case)
+                r = measure(ctx, build, case)
                 methods.add(r.get("method"))
                 results[name, n, form] = r
                 print(f"{name} | B={b} | N={n} | {form}: {r}", flush=True)

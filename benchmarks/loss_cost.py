@@ -28,20 +28,17 @@ gradient and the first pass's one-time allocations (about 10 MiB: thread arenas,
 from __future__ import annotations
 
 import argparse
-import gc
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shlex
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
 from fcd_ds.losses import dist_loss, fcd_loss, hidden_mse_loss, logit_kd_loss, minilm_loss
+from isolated import measure  # benchmarks/isolated.py
 from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
 
 GPT = "SmolLM2-135M -> depth-pruned student"
@@ -85,60 +82,6 @@ def build(case: dict):
     return [s], (lambda: logit_kd_loss(s, t, mask)) if loss == "kd" else (lambda: dist_loss(s, t, mask))
 
 
-def proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def run_case(case: dict, conn) -> None:
-    """Child process: build, warm up, time; sends a result dict (or {"error": ...})."""
-    try:
-        torch.randn(512, 512) @ torch.randn(512, 512)  # start the thread pool before the limit (thread stacks)
-        resource.setrlimit(resource.RLIMIT_AS, (proc_kib("VmSize") * 1024 + int(case["mem_limit_gib"] * GIB),) * 2)
-        leaves, fn = build(case)
-        gc.collect()
-        rss0 = proc_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            method = "VmHWM"
-        except OSError:
-            method = "ru_maxrss"
-
-        def step() -> float:
-            start = time.perf_counter()
-            fn().backward()
-            elapsed = time.perf_counter() - start
-            for x in leaves:
-                x.grad = None
-            return elapsed
-
-        reps = case["repeats"] if step() <= 10 else min(case["repeats"], 2)  # warm-up; a slow case gets 2 passes
-        timed = [step() for _ in range(reps)]
-        hwm = proc_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(dict(ms=1e3 * statistics.median(timed), reps=len(timed), mib=(hwm - rss0) / 1024, method=method,
-                       threads=torch.get_num_threads()))
-    except Exception as e:  # noqa: BLE001 - any failure is a row of the table
-        oom = isinstance(e, MemoryError) or "allocate" in str(e)
-        conn.send(dict(error="out of memory" if oom else f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
-
-
-def measure(ctx, case: dict) -> dict:
-    """One case in a fresh process from the forkserver; a child killed by a signal is recorded, not raised."""
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=run_case, args=(case, send))
-    p.start()
-    send.close()
-    p.join()
-    try:
-        return recv.recv()  # the child sent its result, or exited without (EOFError)
-    except EOFError:
-        pass
-    if p.exitcode is not None and p.exitcode < 0:
-        return dict(error="out of memory (killed)" if p.exitcode == -9 else f"crashed (signal {-p.exitcode})")
-    return dict(error=f"failed (exit code {p.exitcode})")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="B = 2, N in 32 64, vocabulary 1024; prints only")
@@ -160,7 +103,7 @@ def main() -> None:
                 need = estimate_bytes(pair, loss, b, n, vocab)
                 case = dict(pair=name, loss=loss, B=b, N=n, vocab=vocab, repeats=args.repeats, mem_limit_gib=args.mem_limit_gib)
                 r = (dict(error=f"skipped: would need ~{need / GIB:.3g} GiB") if need > args.mem_limit_gib * GIB
-                     else measure(ctx, case))
+                     else measure(ctx, build, case))
                 methods.add(r.get("method"))
                 results[name, n, loss] = r
                 print(f"{name} | N={n} | {loss}: {r}", flush=True)

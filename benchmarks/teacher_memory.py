@@ -15,8 +15,8 @@ Ranks are started by hand (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER
 launchers/slurm/distill.sbatch does), each in its own cgroup-v1 memory group created under this
 process's own, so that a cap applies to one rank: ``memory.limit_in_bytes``; a rank over it is killed by
 the kernel (exit -9). Reported per rank: the group's peak usage (``memory.max_usage_in_bytes``: what the
-cap limits; it includes page cache, e.g. of the teacher's safetensors, which the kernel reclaims under
-a cap), the peak resident memory (``ru_maxrss``, from the run's metrics.json) and the teacher parameters
+cap limits; the teacher's files are read once by this process first, so that their page cache is
+charged here and not to a rank), the peak resident memory (``ru_maxrss``, from the run's metrics.json) and the teacher parameters
 it holds (its ZeRO-3 shard). The cap is set half-way between the 1-rank and the largest 2-rank group peak
 measured first (or --cap_gib). Measures, asserts nothing.
 """
@@ -118,6 +118,12 @@ def main() -> None:
     if cgroups is None:
         sys.exit("error: no writable cgroup-v1 memory group for this process: the per-rank cap cannot be set here")
     teacher, student_cfg = make_models()
+    # Read the teacher's files once from this process, so that their page cache is charged to this group and
+    # every rank's group holds the rank's own memory only (a cgroup pays for the cache pages it first reads).
+    for f in sorted(teacher.iterdir()):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
     from transformers import AutoConfig, LlamaForCausalLM
     import torch
 
