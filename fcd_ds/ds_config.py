@@ -107,11 +107,15 @@ def bf16_enabled(cfg: dict) -> bool:
     return bool(cfg.get("bf16", {}).get("enabled", False))
 
 
+TEACHER_LIVE_PARAMETERS = 10**8  # default cap on the teacher's gathered parameters (2 x DeepSpeed's default prefetch bucket)
+
+
 def teacher_ds_config(student_cfg: dict, offload: str | None = None) -> dict:
     """Config of the frozen, optimizer-less teacher engine.
 
     ZeRO-3 with the student's stage-3 settings when the student runs stage 3 (the teacher is sharded over
-    the same ranks), stage 0 otherwise; same precision and micro-batch; no optimizer, scheduler or
+    the same ranks; gathered parameters are released after use: ``stage3_max_reuse_distance`` 0 and
+    ``stage3_max_live_parameters`` at most two prefetch buckets), stage 0 otherwise; same precision and micro-batch; no optimizer, scheduler or
     gradient settings. As trl ``prepare_deepspeed`` and DeepSpeed-Chat ``_init_ref``.
 
     Args:
@@ -130,6 +134,12 @@ def teacher_ds_config(student_cfg: dict, offload: str | None = None) -> dict:
     }
     if zero_stage(student_cfg) == 3 or offload == "cpu":
         keep = {k: v for k, v in zero.items() if k.startswith("stage3_") and "gather_16bit" not in k}
+        # Forward only: a gathered block is not needed again before the next step, so release it at once
+        # (reuse distance 0) and keep at most two prefetch buckets live; with DeepSpeed's defaults (1e9
+        # each) a teacher under a billion parameters stayed whole on every rank after its first forward.
+        bucket = int(keep.get("stage3_prefetch_bucket_size", TEACHER_LIVE_PARAMETERS // 2))
+        keep["stage3_max_reuse_distance"] = 0
+        keep["stage3_max_live_parameters"] = min(int(keep.get("stage3_max_live_parameters", 10**9)), 2 * bucket)
         cfg["zero_optimization"] = {"stage": 3, **keep}
         if offload == "cpu":
             cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}

@@ -92,7 +92,11 @@ def test_teacher_offload_flag_makes_the_teacher_zero3_with_offload_param():
     student2 = resolve_ds_config(load_ds_config(str(DS_CONFIG_DIR / "zero2.json")), TrainArguments())
     assert zero_stage(teacher_ds_config(student2)) == 0
     offloaded = teacher_ds_config(student2, "cpu")
-    assert offloaded["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert offloaded["zero_optimization"] == {"stage": 3, "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 10**8,
+                                              "offload_param": {"device": "cpu", "pin_memory": False}}
+    # a forward-only teacher releases what it gathers: never whole on a rank after a forward
+    z3 = teacher_ds_config(resolve_ds_config(load_ds_config(str(DS_CONFIG_DIR / "zero3.json")), TrainArguments()))["zero_optimization"]
+    assert z3["stage3_max_reuse_distance"] == 0 and z3["stage3_max_live_parameters"] == 2 * z3["stage3_prefetch_bucket_size"]
     student3 = resolve_ds_config(load_ds_config(str(DS_CONFIG_DIR / "zero3.json")), TrainArguments())
     student3["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     assert teacher_ds_config(student3)["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
