@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also profile the default step by operator group")
     p.add_argument("--no_write", action="store_true", help="print only")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's spec peak for its dtype (MFU column), e.g. 989 for H100 bf16")
     p.add_argument("flags", nargs="*", help="launcher flags (after --)")
     args = p.parse_args()
 
@@ -145,17 +146,22 @@ def main() -> None:
             flops += transformer_flops_per_token(tcfg, plan.data_args.max_seq_length, head=engine.teacher_exit is None)
         rows.append((name, step, parts_sum, step / parts_sum, tokens / step, flops * tokens / step))
 
-    peak = measure_matmul_tflops() * 1e12
+    from fcd_ds.build import model_dtype
+
+    dtype = model_dtype(plan.ds_config)
+    peak = measure_matmul_tflops(n=8192 if torch.cuda.is_available() else 2048, dtype=dtype) * 1e12
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     command = shlex.join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
-    lines = [f"Command: `{command}`; {device}; measured matmul {peak / 1e9:.0f} GFLOP/s; one rank, micro-batch "
+    lines = [f"Command: `{command}`; {device}; measured {str(dtype).removeprefix('torch.')} matmul {peak / 1e9:.0f} GFLOP/s; one rank, micro-batch "
              f"{plan.ds_config['train_micro_batch_size_per_gpu']} x {plan.data_args.max_seq_length} tokens x {gas} accumulation; "
              f"median of {args.steps} after {args.warmup} warm-up.", "",
              "| part, alone | median s |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in med.items()]
-    lines += ["", "| step | median s | sum of its parts s | step / parts | tokens/s | achieved GFLOP/s | fraction of matmul peak |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {s:.3f} | {ps:.3f} | {r:.3f} | {tk:.0f} | {fl / 1e9:.1f} | {fl / peak:.2f} |" for n, s, ps, r, tk, fl in rows]
+    mfu = args.peak_tflops is not None
+    lines += ["", "| step | median s | sum of its parts s | step / parts | tokens/s | achieved GFLOP/s | fraction of measured matmul |"
+              + (" MFU |" if mfu else ""), "|---|---|---|---|---|---|---|" + ("---|" if mfu else "")]
+    lines += [f"| {n} | {s:.3f} | {ps:.3f} | {r:.3f} | {tk:.0f} | {fl / 1e9:.1f} | {fl / peak:.2f} |"
+              + (f" {fl / 1e12 / args.peak_tflops:.3f} |" if mfu else "") for n, s, ps, r, tk, fl in rows]
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
