@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from conftest import peak_allocated_bytes
 
 from fcd_ds.losses import (
     causal_lm_loss,
@@ -168,18 +169,6 @@ def test_bad_input_raises(call, message):
     s, t, ids, mask = inputs()
     with pytest.raises(ValueError, match=message):
         call(s, t, ids, mask)
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of CPU bytes allocated (net of frees) while ``fn()`` runs, from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def test_fused_never_holds_the_b_n_v_logits():

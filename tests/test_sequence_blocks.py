@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from conftest import peak_allocated_bytes
 
 import fcd_ds.losses.fcd as fcd_module
 from fcd_ds.losses import (
@@ -137,18 +138,6 @@ def test_fcd_terms_passes_chunk_size_to_the_sequence_relation(monkeypatch):
     whole = fcd_terms(hs, ht, mask).sequence
     assert seen == [3, None]
     assert chunked.item() == pytest.approx(whole.item(), abs=1e-6)
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of CPU bytes allocated (net of frees) while ``fn()`` runs, from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def test_blocked_forward_backward_never_holds_the_b_n_b_relation():
