@@ -14,8 +14,9 @@ Timed alone (accelerator-synchronised, median of --steps after --warmup):
 * student forward + backward with the task loss (CE) only, and the optimizer step (from the CE-only steps'
   own breakdown: DeepSpeed owns backward and step, so they are timed where they happen).
 
-Then fcd_ds's full optimizer step (``DistillEngine.train_step``) with CE + FCD (default), CE + FCD + KD and
-CE only, and each one's ratio to the sum of its parts: ``step / (teacher part + student fwd+bwd CE +
+Then fcd_ds's full optimizer step (``DistillEngine.train_step``) with CE + FCD (default), CE + FCD + KD,
+CE only (CE and KD fused with the LM head, the default ``--fused_logit_loss``) and CE + FCD + KD on whole
+(B, N, V) logits (``--fused_logit_loss false``), and each one's ratio to the sum of its parts: ``step / (teacher part + student fwd+bwd CE +
 optimizer)``. With --profile, one torch.profiler pass over the default step grouped by operator kind.
 Printed beside the machine's measured matmul rate and the achieved FLOP/s as a fraction of it.
 Measures, asserts nothing.
@@ -47,7 +48,7 @@ GROUPS = (  # (group, substrings of operator names), first match wins; ranges ("
     ("collectives", ("gloo", "allreduce", "all_reduce", "all_gather", "broadcast", "reduce_scatter", "c10d")),
     ("copies / indexing", ("copy_", "cat", "index", "embedding", "to", "clone", "contiguous", "fill_", "zero_", "empty")),
 )
-RANGES = ("optimizer_step", "loss/fcd", "loss/kd", "loss/ce")
+RANGES = ("optimizer_step", "loss/fcd", "loss/kd", "loss/ce", "loss/fused_logits")
 
 
 def _sync():
@@ -115,10 +116,14 @@ def main() -> None:
     plan = plan_run(*parse_args(["--output_dir", out, "--eval_on_start", "false", *args.flags], launcher.flags), launcher)
     job = trainer.setup(plan)
     student, teacher, task = job.distiller.student, job.distiller.teacher, plan.task
-    variants = {name: DistillEngine(student, teacher, plan.pairs, DistillArguments(**{**dataclasses.asdict(plan.distill_args), "loss": loss,
-                                                                                       **{f"{t}_weight": None for t in ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")}}),
-                                    task, plan.attention_pairs)
-                for name, loss in (("CE + FCD (default)", "ce+fcd"), ("CE + FCD + KD", "ce+fcd+kd"), ("CE only", "ce"))}
+
+    def engine_for(loss: str, fused: bool = True) -> DistillEngine:
+        weights = {f"{t}_weight": None for t in ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")}
+        args = DistillArguments(**{**dataclasses.asdict(plan.distill_args), "loss": loss, **weights, "fused_logit_loss": fused})
+        return DistillEngine(student, teacher, plan.pairs, args, task, plan.attention_pairs)
+
+    variants = {"CE + FCD (default)": engine_for("ce+fcd"), "CE + FCD + KD": engine_for("ce+fcd+kd"), "CE only": engine_for("ce"),
+                "CE + FCD + KD, unfused logits": engine_for("ce+fcd+kd", fused=False)}
     batches = job.micro_batches
     batch = variants["CE only"]._to_device(next(batches))
     gas = student.gradient_accumulation_steps()
@@ -126,7 +131,8 @@ def main() -> None:
 
     # Parts, alone.
     parts = {"teacher to the deepest FCD block": [t * gas for t in timed(lambda: variants["CE + FCD (default)"].teacher_forward(batch), args.steps, args.warmup)],
-             "teacher whole, with head (KD)": [t * gas for t in timed(lambda: variants["CE + FCD + KD"].teacher_forward(batch), args.steps, args.warmup)]}
+             "teacher whole, with head (KD)": [t * gas for t in timed(lambda: variants["CE + FCD + KD, unfused logits"].teacher_forward(batch),
+                                                                      args.steps, args.warmup)]}
     ce_steps = [variants["CE only"].train_step(batches) for _ in range(args.warmup + args.steps)][args.warmup:]
     parts["student fwd+bwd, CE only"] = [m["time/student_forward_backward"] for m in ce_steps]
     parts["optimizer step"] = [m["time/optimizer_step"] for m in ce_steps]
@@ -134,7 +140,8 @@ def main() -> None:
 
     # Full steps.
     rows = []
-    sums = {"CE + FCD (default)": med["teacher to the deepest FCD block"], "CE + FCD + KD": med["teacher whole, with head (KD)"], "CE only": 0.0}
+    sums = {"CE + FCD (default)": med["teacher to the deepest FCD block"], "CE + FCD + KD": med["teacher whole, with head (KD)"], "CE only": 0.0,
+            "CE + FCD + KD, unfused logits": med["teacher whole, with head (KD)"]}
     for name, engine in variants.items():
         step = statistics.median(timed(lambda: engine.train_step(batches), args.steps, args.warmup))
         parts_sum = sums[name] + med["student fwd+bwd, CE only"] + med["optimizer step"]
@@ -175,7 +182,7 @@ def main() -> None:
         groups = profile_groups(prof)
         total = sum(groups.values())
         lines += ["", "Profile of the default step (CE + FCD), self CPU time of 3 steps by group "
-                  "(ranges: operators called inside `optimizer_step`, the forward of `loss/fcd`, `loss/kd`, `loss/ce`):", "",
+                  "(ranges: operators called inside `optimizer_step`, the forward of `loss/fcd`, `loss/fused_logits` (CE in the head), `loss/kd`, `loss/ce`):", "",
                   "| group | s | share |", "|---|---|---|"]
         lines += [f"| {g} | {v:.2f} | {v / total:.1%} |" for g, v in sorted(groups.items(), key=lambda kv: -kv[1])]
     table = "\n".join(lines)

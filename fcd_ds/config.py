@@ -163,6 +163,7 @@ class DistillArguments:
     fcd_global_batch: bool = field(default=True, metadata={"help": "All-gather features over data-parallel ranks for the sequence relation."})
     fcd_chunk_size: int = field(default=1024, metadata={"help": "Rows of the N x N token relation, and positions of the B x N x B sequence relation, computed at once (memory bound)."})
     kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of logit KD."})
+    fused_logit_loss: bool = field(default=True, metadata={"help": "Causal LMs: compute the next-token CE and logit KD inside the LM head a chunk of 256 tokens at a time from the last hidden states, so no (B, N, V) logits are held (fcd_ds.losses.fused; same values). Off with dist (it needs the logits) and for encoders."})
     minilm_layer_map: str = field(default="last", metadata={"help": "Blocks matched by minilm (MiniLMv2: the student's last block with the teacher's last or an upper-middle one); same syntax as --layer_map."})
     minilm_relation_heads: int | None = field(default=None, metadata={"help": "MiniLMv2 relation heads (must divide the query, key and value widths of both models). Default: the teacher's key/value head count."})
     dist_temperature: float = field(default=1.0, metadata={"help": "Temperature of DIST (the paper's default: 1)."})

@@ -15,6 +15,10 @@ Training loss per micro-batch, every weight from :class:`~fcd_ds.config.DistillA
     + minilm_weight * sum_q w_q * (KL_QQ + KL_KK + KL_VV)_q / sum_q w_q            (--minilm_layer_map pairs q)
     + kd_weight * (task's logit KD, T^2 KL(teacher || student) at temperature T)
     + dist_weight * DIST(student logits, teacher logits)
+
+With ``--fused_logit_loss`` (default) on a causal LM without DIST, the CE and KD terms are computed
+inside the student's LM head a chunk of tokens at a time (:class:`~fcd_ds.fused_head.FusedLogitHead`):
+same values, no (B, N, V) logits of either model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.profiler import record_function
 
 from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
+from .fused_head import FusedLogitHead
 from .layer_map import LayerPair
 from .losses import causal_lm_loss, dist_loss, fcd_terms, hidden_mse_loss, minilm_loss
 from .projections import hidden_projection
@@ -101,6 +106,10 @@ class DistillEngine:
                              if teacher is not None and needed and not distill.uses_teacher_logits else None)
         # Whether the student's head output feeds a loss; if not, a causal LM computes one position's logits.
         self.student_logits = bool(distill.ce_weight or distill.uses_teacher_logits)
+        # CE and KD inside the heads, chunk by chunk (no B x N x V logits); DIST needs whole logits.
+        fused = distill.fused_logit_loss and task.fused_logit_loss and not distill.dist_weight and (distill.ce_weight or distill.kd_weight)
+        self.fused_head = (FusedLogitHead(student.module, teacher.module if distill.kd_weight else None, ce_weight=distill.ce_weight,
+                                          kd_weight=distill.kd_weight, temperature=distill.kd_temperature) if fused else None)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.student.device) for k, v in batch.items()}
@@ -119,7 +128,8 @@ class DistillEngine:
         logits = self.args.uses_teacher_logits
         inputs = self.task.model_inputs(batch, logits=logits)
         cut = self.teacher_exit.active() if self.teacher_exit is not None else nullcontext()
-        with _recording(self.teacher_capture, self.teacher_attention), cut:
+        head = self.fused_head.teacher_hidden() if self.fused_head is not None else nullcontext()  # logits -> (B, N, C_t)
+        with _recording(self.teacher_capture, self.teacher_attention), cut, head:
             outputs = self.teacher(**inputs)
         feats = dict(self.teacher_capture.features) if self.teacher_capture is not None else {}
         attn = dict(self.teacher_attention.features) if self.teacher_attention is not None else {}
@@ -131,13 +141,24 @@ class DistillEngine:
         ``fcd/<pair>/token``, ``fcd/<pair>/sequence``, ``hidden_mse/<pair>``, ``minilm/<pair>``, and ``loss/total``."""
         mask = batch["attention_mask"]
         a, w = self.args, self.args.weights
-        with _recording(self.student_capture, self.student_attention):
+        fused = nullcontext([])
+        if self.fused_head is not None:  # the head returns the weighted CE + KD loss instead of logits
+            t_hidden = teacher.outputs.logits if w["kd"] else None  # (B, N, C_t): the teacher's head was an identity
+            fused = self.fused_head.student_loss(batch["input_ids"], mask, t_hidden)
+        with _recording(self.student_capture, self.student_attention), fused as fused_out:
             outputs = self.student(**self.task.model_inputs(batch, logits=self.student_logits))
         feats = self.student_capture.features if self.student_capture is not None else {}
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
         used_outputs = False
-        if w["ce"]:
+        if fused_out:
+            logit_terms = fused_out[0]
+            # The head's returned output, not logit_terms.loss: ZeRO-3's backward hooks sit on that output.
+            total, used_outputs = total + outputs.logits, True  # already ce_weight * ce + kd_weight * kd
+            for term in ("ce", "kd"):
+                if getattr(logit_terms, term) is not None:
+                    terms[f"loss/{term}"] = getattr(logit_terms, term)
+        elif w["ce"]:
             with record_function("loss/ce"):
                 task_loss = self.task.task_loss(outputs, batch)
             if task_loss is not None:
@@ -166,7 +187,7 @@ class DistillEngine:
                                                         mask, num_heads=a.minilm_relation_heads)
                 values.append(terms[f"minilm/{p.name}"])
             terms["loss/minilm"] = _pair_mean(self.attention_pairs, values)
-        if w["kd"]:
+        if w["kd"] and not fused_out:
             with record_function("loss/kd"):
                 terms["loss/kd"], used_outputs = self.task.kd_loss(outputs, teacher.outputs, batch, a.kd_temperature), True
         if w["dist"]:
@@ -176,7 +197,7 @@ class DistillEngine:
                                            inter_weight=a.dist_inter_weight, intra_weight=a.dist_intra_weight)
             used_outputs = True
         for term, weight in w.items():
-            if weight and f"loss/{term}" in terms:
+            if weight and f"loss/{term}" in terms and not (fused_out and term in ("ce", "kd")):
                 total = total + weight * terms[f"loss/{term}"]
         if not used_outputs:
             # DeepSpeed starts its backward bookkeeping (ZeRO's enter_backward, the accumulation boundary)

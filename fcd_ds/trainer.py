@@ -73,6 +73,8 @@ class Job:
     logger: object  # fcd_ds.metrics.MetricLogger: TensorBoard + train_log.jsonl (rank 0), closed by save()
     stop: StopFlag  # SIGTERM/SIGUSR1 handlers, agreed at step boundaries
     saved_step: int = 0  # step of the newest checkpoint this process saved or loaded
+    threads: int = 0  # torch's intra-op threads on this rank
+    matmul_tflops: float = 0.0  # this rank's measured dense matmul rate in the run's dtype, all ranks measuring at once
 
 
 def usage_error(exc: UsageError) -> int:
@@ -170,8 +172,30 @@ def setup(plan) -> Job:
         flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_teacher_logits)
     logger = MetricLogger(out / "runs", out / "train_log.jsonl", resume_rows=state.log_rows if t.resume else None,
                           resume_step=state.step if t.resume else None)
+    threads, matmul = _measure_compute(plan.ds_config)
+    if rank == 0:
+        print(f"fcd_ds: {world} rank(s) x {threads} torch thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
+              f"measured matmul {matmul * 1e3:.1f} GFLOP/s per rank with every rank measuring at once; "
+              f"{flops / 1e9:.2f} GFLOP per token of a step", flush=True)
     return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger, stop,
-               saved_step=state.step if t.resume else 0)
+               saved_step=state.step if t.resume else 0, threads=threads, matmul_tflops=matmul)
+
+
+def _measure_compute(ds_config: dict) -> tuple[int, float]:
+    """This rank's torch thread count and its dense matmul rate (TFLOP/s) in the run's dtype, measured
+    by every rank at the same moment (so on a shared CPU each rank gets its share of the cores, as during
+    training). The rank-0 mean is what achieved FLOP/s is divided by. Collective."""
+    import torch
+    import torch.distributed as dist
+
+    from .metrics import measure_matmul_tflops
+
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dist.barrier()
+    mine = torch.tensor([measure_matmul_tflops(n=2048 if dtype == torch.float32 else 4096, repeats=5, dtype=dtype)],
+                        dtype=torch.float64)
+    dist.all_reduce(mine)  # mean over ranks: one figure for every rank's fraction
+    return torch.get_num_threads(), mine.item() / dist.get_world_size()
 
 
 def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
@@ -230,6 +254,7 @@ def train(job: Job) -> None:
                 "perf/tflops_per_device": _tflops_per_device(job, samples * seq, seconds),
                 "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
             })
+            payload["perf/matmul_peak_fraction"] = payload["perf/tflops_per_device"] / job.matmul_tflops
             if t.peak_tflops:
                 payload["perf/mfu"] = payload["perf/tflops_per_device"] / t.peak_tflops
             if state.step % t.logging_steps == 0 or state.step == t.max_steps or any(bad):
@@ -305,6 +330,9 @@ def save(job: Job, metrics: dict) -> dict:
                "train_seconds": state.train_seconds,
                "train_tokens_per_second": state.train_tokens / max(state.train_seconds, 1e-9),
                "train_tflops_per_device": _tflops_per_device(job, padded_tokens, state.train_seconds),
+               "threads_per_rank": job.threads,
+               "measured_matmul_tflops_per_device": job.matmul_tflops,
+               "train_matmul_peak_fraction": _tflops_per_device(job, padded_tokens, state.train_seconds) / job.matmul_tflops,
                "world_size": job.world,
                "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0),
                "teacher_param_shard_numel_per_rank": job.teacher_shares,
@@ -318,7 +346,7 @@ def save(job: Job, metrics: dict) -> dict:
     job.logger.close()
     if job.rank == 0:
         (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(json.dumps({k: v for k, v in metrics.items() if "_eval_" in k or k in ("train_tokens_per_second", "steps")}))
+        print(json.dumps({k: v for k, v in metrics.items() if "_eval_" in k or k in ("train_tokens_per_second", "train_matmul_peak_fraction", "threads_per_rank", "steps")}))
     return metrics
 
 

@@ -45,6 +45,7 @@ class Task(Protocol):
     auto_class: Any  # transformers Auto class that loads teacher and student and reloads the export
     metric_names: tuple[str, ...]  # held-out metrics, e.g. ("loss", "perplexity") or ("accuracy", "f1")
     vocab_head: bool  # whether the head projects onto the vocabulary (counted in FLOPs)
+    fused_logit_loss: bool  # whether task loss and logit KD are next-token CE / KL on every position of a vocabulary head (fcd_ds.fused_head)
 
     def config_updates(self) -> dict:
         """Attributes set on the student's (and export's) config, e.g. ``num_labels``, ``id2label``."""

@@ -21,6 +21,7 @@ class CausalLMTask:
     auto_class = AutoModelForCausalLM
     metric_names = ("loss", "perplexity")
     vocab_head = True
+    fused_logit_loss = True  # CE on the shifted ids and KD on every attended position: fcd_ds.fused_head
 
     def config_updates(self) -> dict:
         return {}

@@ -124,6 +124,7 @@ class SequenceClassificationTask:
     name = "sequence_classification"
     auto_class = AutoModelForSequenceClassification
     vocab_head = False
+    fused_logit_loss = False
 
     def __init__(self, raw, labels: LabelSpec, data_args):
         self.raw = raw

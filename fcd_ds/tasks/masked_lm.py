@@ -36,6 +36,7 @@ class MaskedLMTask:
 
     name = "masked_lm"
     vocab_head = True
+    fused_logit_loss = False
 
     def __init__(self, tokenizer, *, mlm: bool, mlm_probability: float = 0.15):
         self.mlm = mlm
