@@ -1,7 +1,11 @@
 # fcd_ds: `make run` sets up and runs the default distillation; `make test` sets up and runs the tests.
 # `make run-bert` fine-tunes the embedded encoder teacher once (`make teacher-bert`), then distils it.
 PYTHON ?= python3
-NUM_GPUS ?= 2
+# Ranks: `make run` defaults to 1 rank with every core (fastest on the 2-core CPU, benchmarks/threads.py),
+# the encoder targets to 2. NUM_GPUS=<n> sets both.
+NUM_GPUS ?=
+# Core binding where numactl exists (DeepSpeed's --bind_cores_to_rank; faster in benchmarks/threads.py). BIND= turns it off.
+BIND ?= $(if $(shell command -v numactl 2>/dev/null),--bind_cores_to_rank,)
 ARGS ?=
 FCD_DS_HOME ?= $(HOME)/.cache/fcd_ds
 BERT_TEACHER := $(FCD_DS_HOME)/minilm-l6-rotten-tomatoes
@@ -16,7 +20,7 @@ install:
 	$(PYTHON) -m fcd_ds.assets
 
 run: install
-	deepspeed --num_gpus $(NUM_GPUS) launchers/distill_gpt.py $(ARGS)
+	deepspeed --num_gpus $(or $(NUM_GPUS),1) $(BIND) launchers/distill_gpt.py $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q tests
@@ -24,7 +28,7 @@ test: install
 # all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes: the default teacher of launchers/distill_bert.py (once).
 teacher-bert: install
 	test -f $(BERT_TEACHER)/model/config.json || \
-		FCD_DS_HOME=$(FCD_DS_HOME) deepspeed --num_gpus $(NUM_GPUS) launchers/finetune_teacher.py --output_dir $(BERT_TEACHER)
+		FCD_DS_HOME=$(FCD_DS_HOME) deepspeed --num_gpus $(or $(NUM_GPUS),2) launchers/finetune_teacher.py --output_dir $(BERT_TEACHER)
 
 run-bert: teacher-bert
-	FCD_DS_HOME=$(FCD_DS_HOME) deepspeed --num_gpus $(NUM_GPUS) launchers/distill_bert.py $(ARGS)
+	FCD_DS_HOME=$(FCD_DS_HOME) deepspeed --num_gpus $(or $(NUM_GPUS),2) launchers/distill_bert.py $(ARGS)

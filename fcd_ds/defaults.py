@@ -90,6 +90,8 @@ class Launcher:
         student_depth: default depth-pruned student, as a fraction of the teacher's blocks (when no
             student flag is given).
         finetune: no teacher, task loss only (``launchers/finetune_teacher.py``).
+        micro_batch: the micro-batch per rank when neither ``--per_device_train_batch_size`` nor the
+            DeepSpeed JSON (a number in place of "auto") gives one.
     """
 
     name: str
@@ -98,6 +100,7 @@ class Launcher:
     export_name: str = "student"
     student_depth: float = 1 / 3
     finetune: bool = False
+    micro_batch: int = 4  # an 'auto' train_micro_batch_size_per_gpu without --per_device_train_batch_size
 
 
 _ENCODER_FLAGS = {
@@ -109,7 +112,9 @@ _ENCODER_FLAGS = {
     "learning_rate": 1e-4,
 }
 
-GPT = Launcher("distill_gpt", {"task": "causal_lm", "output_dir": "outputs/distill_gpt"}, _gpt)
+# 8 sequences of 128 tokens per micro-batch: on one rank (`make run`, the fastest launch on a 2-core CPU,
+# benchmarks/threads.py) that is the 1,024 tokens per step that 2 ranks x 4 gave before.
+GPT = Launcher("distill_gpt", {"task": "causal_lm", "output_dir": "outputs/distill_gpt"}, _gpt, micro_batch=8)
 # Encoder students default to half the teacher's blocks (6 -> 3 for all-MiniLM-L6-v2, 12 -> 6 as DistilRoBERTa).
 BERT = Launcher("distill_bert", {**_ENCODER_FLAGS, "output_dir": "outputs/distill_bert", "max_steps": 360}, _bert, student_depth=1 / 2)
 ROBERTA = Launcher("distill_roberta", {**_ENCODER_FLAGS, "output_dir": "outputs/distill_roberta", "max_steps": 360}, _roberta,

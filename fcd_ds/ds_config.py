@@ -47,11 +47,13 @@ def _fill(section: dict, key: str, value, override: bool) -> None:
         section[key] = value
 
 
-def resolve_ds_config(cfg: dict, args) -> dict:
+def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH) -> dict:
     """Copy of ``cfg`` with CLI overrides applied and 'auto' values filled.
 
     Args:
         cfg: the JSON as loaded. args: a :class:`~fcd_ds.config.TrainArguments`.
+        micro_batch: the launcher's micro-batch for an 'auto' ``train_micro_batch_size_per_gpu`` when
+            ``--per_device_train_batch_size`` is not given (a number in the JSON is kept).
 
     Returns:
         A new dict; ``train_batch_size`` is dropped when 'auto' (DeepSpeed derives it from micro-batch x
@@ -62,7 +64,7 @@ def resolve_ds_config(cfg: dict, args) -> dict:
     """
     out = copy.deepcopy(cfg)
     _fill(out, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size, True)
-    _fill(out, "train_micro_batch_size_per_gpu", DEFAULT_MICRO_BATCH, False)
+    _fill(out, "train_micro_batch_size_per_gpu", micro_batch, False)
     _fill(out, "gradient_accumulation_steps", args.gradient_accumulation_steps, True)
     _fill(out, "gradient_accumulation_steps", 1, False)
     if out.get("train_batch_size") == "auto":

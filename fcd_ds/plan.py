@@ -154,7 +154,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
     launcher.fill(model_args, data_args)
     if data_args.train_file is not None:
         check_data_files(data_args.train_file, data_args.validation_file)
-    ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args)
+    ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args, launcher.micro_batch)
     check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir,
                      auto_resume=train_args.auto_resume)
 

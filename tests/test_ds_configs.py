@@ -45,6 +45,9 @@ def test_cli_flags_override_the_json_and_fill_auto():
     assert raw["optimizer"]["params"]["lr"] == "auto"  # the loaded JSON itself is not modified
     fixed = {**raw, "train_micro_batch_size_per_gpu": 8}
     assert resolve_ds_config(fixed, TrainArguments())["train_micro_batch_size_per_gpu"] == 8
+    # the launcher's micro-batch (distill_gpt: 8) fills only "auto": a number in the JSON is kept
+    assert resolve_ds_config(raw, TrainArguments(), micro_batch=8)["train_micro_batch_size_per_gpu"] == 8
+    assert resolve_ds_config({**raw, "train_micro_batch_size_per_gpu": 2}, TrainArguments(), micro_batch=8)["train_micro_batch_size_per_gpu"] == 2
 
 
 @pytest.mark.parametrize(
