@@ -108,8 +108,9 @@ def measure_matmul_tflops(n: int = 2048, repeats: int = 10, dtype=None, threads:
     if threads:
         torch.set_num_threads(threads)
     try:
-        a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
-        b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+        gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG streams (and a resumed run's) untouched
+        a = torch.randn(n, n, dtype=dtype or torch.float32, device=device, generator=gen)
+        b = torch.randn(n, n, dtype=dtype or torch.float32, device=device, generator=gen)
         a @ b
         acc.synchronize()
         times = []
