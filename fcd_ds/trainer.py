@@ -77,12 +77,27 @@ class Job:
     matmul_tflops: float = 0.0  # this rank's measured dense matmul rate in the run's dtype, all ranks measuring at once
 
 
+REPORT_GRACE_S = 5.0  # how long a non-main rank waits before a failing exit (see _let_rank0_report)
+
+
+def _let_rank0_report() -> None:
+    """On ranks other than 0, wait :data:`REPORT_GRACE_S` before a failing exit: DeepSpeed's launcher
+    terminates every rank as soon as one exits non-zero (deepspeed/launcher/launch.py), which could kill
+    rank 0 before it printed the one-line reason."""
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        time.sleep(REPORT_GRACE_S)
+
+
 def usage_error(exc: UsageError) -> int:
-    """Print ``error: <message>`` (rank 0 only) and return exit status 2, as argparse."""
+    """Print ``error: <message>`` (rank 0 only) and return exit status 2, as argparse; other ranks
+    first give rank 0 the time to print (:func:`_let_rank0_report`)."""
     from .distributed import is_main_process
 
     if is_main_process():
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    _let_rank0_report()
     return 2
 
 
@@ -374,6 +389,8 @@ def finish(code: int = 0, exc: Exception | None = None) -> int:
         if exc is None or isinstance(exc, UsageError):
             dist.barrier()
         dist.destroy_process_group()
+    if code not in (0, 2):  # 2: usage_error already waited
+        _let_rank0_report()
     return code
 
 

@@ -129,7 +129,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero3_run, 
         result = run_launcher([*gpt2_args(tiny_models, corpus, resumed, ds_config), "--resume", *extra], ranks=ranks)
         assert result.returncode == 2, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(f"error: --resume: the checkpoint was written with {message}"), errors
+        assert len(errors) == 1 and errors[0].startswith(f"error: --resume: the checkpoint was written with {message}"), \
+            (errors, result.stdout[-2000:], result.stderr[-3000:])
         assert "Traceback" not in result.stderr
         assert snapshot(resumed) == before
 
