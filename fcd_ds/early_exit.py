@@ -18,7 +18,7 @@ from torch import nn
 
 from .features import block_path
 
-__all__ = ["EarlyExit", "FINAL_NORM_NAMES"]
+__all__ = ["EarlyExit", "FINAL_NORM_NAMES", "swapped_modules"]
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")  # Llama/Mistral/Qwen, GPT-2, OPT, ...
 
@@ -66,7 +66,6 @@ class EarlyExit:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head_path = _path_of(model, head) if head is not None else None
 
-    @contextmanager
     def active(self):
         """Swap in the cut (blocks, identity norm, empty head); restore the model on exit, whatever happens."""
         swaps = [(self.blocks_path, nn.ModuleList(list(self.blocks)[: self.depth]))]
@@ -74,13 +73,20 @@ class EarlyExit:
             swaps.append((self.norm_path, nn.Identity()))
         if self.head_path is not None:
             swaps.append((self.head_path, _EmptyHead()))
-        saved = []
-        try:
-            for path, replacement in swaps:
-                parent, name = _parent(self.model, path)
-                saved.append((parent, name, getattr(parent, name)))
-                setattr(parent, name, replacement)
-            yield
-        finally:
-            for parent, name, original in reversed(saved):
-                setattr(parent, name, original)
+        return swapped_modules(self.model, swaps)
+
+
+@contextmanager
+def swapped_modules(model: nn.Module, swaps: list[tuple[str, nn.Module]]):
+    """For a ``with``: the submodules at the dotted ``path`` of each ``(path, replacement)`` replaced;
+    the originals put back on exit, whatever happens."""
+    saved = []
+    try:
+        for path, replacement in swaps:
+            parent, name = _parent(model, path)
+            saved.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, replacement)
+        yield
+    finally:
+        for parent, name, original in reversed(saved):
+            setattr(parent, name, original)

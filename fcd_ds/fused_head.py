@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .early_exit import _parent, _path_of
+from .early_exit import _path_of, swapped_modules
 from .losses.fused import DEFAULT_CHUNK_SIZE, FusedLogitLosses, fused_linear_ce_kd
 
 __all__ = ["FusedLogitHead", "fused_head_problem"]
@@ -84,13 +84,8 @@ class FusedLogitHead:
         if self.teacher is None:
             yield
             return
-        parent, name = _parent(self.teacher, _path_of(self.teacher, self.teacher.get_output_embeddings()))
-        head = getattr(parent, name)
-        setattr(parent, name, nn.Identity())
-        try:
+        with swapped_modules(self.teacher, [(_path_of(self.teacher, self.teacher.get_output_embeddings()), nn.Identity())]):
             yield
-        finally:
-            setattr(parent, name, head)
 
     @contextmanager
     def student_loss(self, input_ids: torch.Tensor, mask: torch.Tensor, teacher_hidden: torch.Tensor | None):

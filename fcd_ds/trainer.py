@@ -339,15 +339,16 @@ def save(job: Job, metrics: dict) -> dict:
     student = job.distiller.student
     seq = plan.data_args.max_seq_length
     padded_tokens = state.step * plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world * seq
+    tflops = _tflops_per_device(job, padded_tokens, state.train_seconds)
     metrics = {**metrics,
                "steps": state.step,
                "train_tokens": state.train_tokens,
                "train_seconds": state.train_seconds,
                "train_tokens_per_second": state.train_tokens / max(state.train_seconds, 1e-9),
-               "train_tflops_per_device": _tflops_per_device(job, padded_tokens, state.train_seconds),
+               "train_tflops_per_device": tflops,
                "threads_per_rank": job.threads,
                "measured_matmul_tflops_per_device": job.matmul_tflops,
-               "train_matmul_peak_fraction": _tflops_per_device(job, padded_tokens, state.train_seconds) / job.matmul_tflops,
+               "train_matmul_peak_fraction": tflops / job.matmul_tflops,
                "world_size": job.world,
                "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0),
                "teacher_param_shard_numel_per_rank": job.teacher_shares,
