@@ -1,7 +1,7 @@
 """fcd_ds and TRL's GKDTrainer side by side: the same logit distillation, tokens/s and peak memory, one run.
 
     pip install -c constraints.txt -e ".[bench]"       # trl==1.16.0 (benchmarks only: fcd_ds never imports trl)
-    python benchmarks/vs_trl.py                         # 2 warm-up + 10 timed steps per case; prints, appends to RESULTS.md
+    python benchmarks/vs_trl.py                         # 2 rounds x (2 warm-up + 6 timed steps) per case; prints, appends to RESULTS.md
     python benchmarks/vs_trl.py --steps 1 --warmup 1 --max_seq_length 32 --no_write    # smoke test
 
 What is distilled, identically in every case: the default teacher (SmolLM2-135M, ``prepare_default_assets``)
@@ -21,9 +21,8 @@ activation checkpointing, ``use_cache`` off in both models. Cases, each in its o
   distiller, ``trl.DistillationTrainer``, the one with a chunked loss that never holds the logits, trains
   on-policy only: the student generates completions to prompts, so it cannot run this off-policy comparison.)
 * ``fcd_ds KD``: the library's own step (``plan_run`` + ``trainer.setup`` + ``DistillEngine.train_step``,
-  as step_cost.py) with ``--ce_weight 0 --kd_weight 1 --fcd_weight 0``; when the installed fcd_ds has
-  ``--fused_logit_loss`` (read off ``DistillArguments`` at run time), also the same with
-  ``--fused_logit_loss false`` (the materialised logits);
+  as step_cost.py) with ``--ce_weight 0 --kd_weight 1 --fcd_weight 0`` (its default ``--fused_logit_loss``, read off
+  ``DistillArguments`` at run time), then the same with the other value (the materialised logits);
 * ``fcd_ds KD + FCD``: the same with ``--fcd_weight 1`` (the default layer map).
 
 The loss: GKDTrainer's ``compute_loss`` calls ``generalized_jsd_loss`` without its temperature, so its loss is
@@ -36,9 +35,12 @@ differs only by fcd_ds's last position), and a first, separate process computes 
 function as its ``compute_loss`` calls it, fcd_ds's ``logit_kd_loss`` on TRL's positions and on its own, and
 ``fused_linear_kd`` from the last hidden states, so the values can be compared number to number.
 
-Per case: median step seconds of ``--steps`` after ``--warmup`` (fcd_ds: one ``train_step``, data to optimizer
-step; TRL: from one ``on_step_end`` callback to the next, the Trainer's own loop), tokens/s = real tokens of a
-step / that median, peak RSS during the training steps (VmHWM, reset through /proc/self/clear_refs once the
+The cases run in ``--rounds`` rounds, each case in a fresh process per round, the order reversed every other
+round (TRL, fcd_ds ..., then fcd_ds ... reversed, TRL): this shared machine's matmul rate drifts within minutes
+(77 to 144 GFLOP/s in one hour), and a drift then weighs alike on every case. Per case: median step seconds of
+the ``--steps`` after ``--warmup`` of every round, pooled (fcd_ds: one ``train_step``, data to optimizer step;
+TRL: from one ``on_step_end`` callback to the next, the Trainer's own loop), tokens/s = real tokens of a step /
+that median, the ratio to TRL's also round by round, peak RSS during the training steps (VmHWM, reset through /proc/self/clear_refs once the
 engines are built; the whole process's ru_maxrss where that is not allowed), both as ratios to TRL's, the RSS
 before the steps, the first and last steps' KD loss, achieved FLOP/s (``transformer_flops_per_token``: student
 forward + backward and teacher forward, both with their heads; FCD's relations not counted) as a fraction of
@@ -69,20 +71,16 @@ DS_JSON = REPO / "ds_configs" / "zero2.json"
 TRL = "TRL GKDTrainer (lmbda 0, beta 0)"
 
 
-def fused_default() -> bool | None:
-    """The installed fcd_ds's default of ``--fused_logit_loss`` (a field of ``DistillArguments``), None
-    when it has no such flag."""
+def fused_default() -> bool:
+    """fcd_ds's default of ``--fused_logit_loss`` (a field of ``DistillArguments``)."""
     from fcd_ds.config import DistillArguments
 
-    return next((f.default for f in dataclasses.fields(DistillArguments) if f.name == "fused_logit_loss"), None)
+    return next(f.default for f in dataclasses.fields(DistillArguments) if f.name == "fused_logit_loss")
 
 
-def cases(fused: bool | None) -> dict[str, list[str]]:
+def cases(fused: bool) -> dict[str, list[str]]:
     """``{case name: fcd_ds flags on top of :func:`fcd_flags`}`` in run order, for ``fused`` the default of
-    ``--fused_logit_loss`` (None: no such flag). The TRL case reads the first fcd_ds case's plan (teacher,
-    student, data, JSON)."""
-    if fused is None:
-        return {TRL: [], "fcd_ds KD": [], "fcd_ds KD + FCD": ["--fcd_weight", "1"]}
+    ``--fused_logit_loss``. The TRL case reads the first fcd_ds case's plan (teacher, student, data, JSON)."""
     name = {True: "fused logit loss", False: "logits materialised"}
     return {TRL: [], f"fcd_ds KD, {name[fused]} (default)": [],
             f"fcd_ds KD, {name[not fused]} (--fused_logit_loss {str(not fused).lower()})": ["--fused_logit_loss", str(not fused).lower()],
@@ -340,40 +338,59 @@ def child(opts) -> None:
     Path(opts._result).write_text(json.dumps(result))
 
 
-def _speed(r: dict, warmup: int) -> tuple[float, float]:
-    """(median step seconds, tokens/s) of a case's timed steps."""
-    step = statistics.median(r["times"][warmup:])
-    return step, statistics.median(r["tokens"][warmup:]) / step
+def pool_rounds(rounds: list[dict], warmup: int) -> dict:
+    """One case's results over its rounds as one: its timed steps (each round's steps after ``warmup``) pooled
+    in ``timed`` / ``timed_tokens``, tokens/s of each round in ``round_tps``, the highest peak RSS; losses,
+    set-up RSS and the rest from the first round. A failed round gives ``{"error": ...}``."""
+    if any("error" in r for r in rounds):
+        return next(r for r in rounds if "error" in r)
+    out = dict(rounds[0])
+    out["timed"] = [t for r in rounds for t in r["times"][warmup:]]
+    out["timed_tokens"] = [n for r in rounds for n in r["tokens"][warmup:]]
+    out["round_tps"] = [statistics.median(r["tokens"][warmup:]) / statistics.median(r["times"][warmup:]) for r in rounds]
+    out["peak_gib"] = max(r["peak_gib"] for r in rounds)
+    return out
 
 
-def _row(name: str, r: dict, opts, peak_flops: float, trl: dict) -> str:
+def _speed(r: dict) -> tuple[float, float]:
+    """(median step seconds, tokens/s) over a pooled case's timed steps."""
+    step = statistics.median(r["timed"])
+    return step, statistics.median(r["timed_tokens"]) / step
+
+
+def _row(name: str, r: dict, peak_flops: float, trl: dict) -> str:
     if "error" in r:
-        return f"| {name} | {r['error']} |" + " |" * 8
-    step, tps = _speed(r, opts.warmup)
-    speed_ratio = f"{tps / _speed(trl, opts.warmup)[1]:.2f}" if "times" in trl else "—"
+        return f"| {name} | {r['error']} |" + " |" * 9
+    step, tps = _speed(r)
+    speed_ratio = f"{tps / _speed(trl)[1]:.2f}" if "timed" in trl else "—"
+    by_round = ", ".join(f"{a / b:.2f}" for a, b in zip(r["round_tps"], trl["round_tps"])) if "timed" in trl else "—"
     memory_ratio = f"{r['peak_gib'] / trl['peak_gib']:.2f}" if "peak_gib" in trl else "—"
     flops = r["flops_per_token"] * tps
     losses = f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f}" if r["losses"] else "—"
-    return (f"| {name} | {step:.3f} | {tps:.0f} | {speed_ratio} | {r['peak_gib']:.2f} | {memory_ratio} | {r['rss_setup_gib']:.2f} | "
-            f"{flops / 1e9:.1f} | {flops / peak_flops:.3f} | {losses} |")
+    return (f"| {name} | {step:.3f} | {tps:.0f} | {speed_ratio} | {by_round} | {r['peak_gib']:.2f} | {memory_ratio} | "
+            f"{r['rss_setup_gib']:.2f} | {flops / 1e9:.1f} | {flops / peak_flops:.3f} | {losses} |")
 
 
-def report(opts, results: dict, check: dict, peak_flops: float) -> str:
-    """The markdown: set-up line, the loss check on one batch, the cases' table."""
+def report(opts, results: dict, check: dict, peaks: list[float]) -> str:
+    """The markdown: set-up line, the loss check on one batch, the cases' table. ``peaks``: the matmul rates
+    (FLOP/s) measured before and after the rounds; fractions are of their mean."""
     import torch
 
+    peak_flops = statistics.mean(peaks)
     trl = results.get(TRL, {})
     threads = sorted({r["threads"] for r in results.values() if "threads" in r}) or [torch.get_num_threads()]
     command = shlex.join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]])
     total = opts.warmup + opts.steps
     lines = [f"Command: `{command}`; {platform.machine()} CPU, {os.cpu_count()} cores, torch threads "
-             f"{', '.join(map(str, threads))}; measured fp32 matmul {peak_flops / 1e9:.0f} GFLOP/s (2048 x 2048). "
+             f"{', '.join(map(str, threads))}; measured fp32 matmul {peak_flops / 1e9:.0f} GFLOP/s (2048 x 2048; the mean of "
+             f"{' and '.join(f'{x / 1e9:.0f}' for x in peaks)} before and after the rounds). "
              f"trl {trl.get('trl_version', '?')} (`trl.experimental.gkd.GKDTrainer`, generate calls during training: "
              f"{trl.get('generate_calls', '?')}). SmolLM2-135M teacher -> 10-block pruned student, float32, "
              f"{opts.batch_size} x {opts.max_seq_length} tokens per step (the same blocks in the same order), GA 1, "
              f"ds_configs/zero2.json, lr {opts.learning_rate:g}, warm-up {warmup_steps(total)}, max_steps {total}, "
-             f"KD temperature {opts.temperature:g}{'' if opts.temperature == 1 else ' (fcd_ds; TRL trains at T = 1 whatever its config)'}; one process per case (RANK=0, WORLD_SIZE=1); median of {opts.steps} "
-             f"steps after {opts.warmup} warm-up.", ""]
+             f"KD temperature {opts.temperature:g}{'' if opts.temperature == 1 else ' (fcd_ds; TRL trains at T = 1 whatever its config)'}; one process per case and round (RANK=0, WORLD_SIZE=1); {opts.rounds} round(s), the cases in "
+             f"order then in reverse order (so that a drift of the machine's speed weighs on every case alike); median of the "
+             f"{opts.rounds} x {opts.steps} steps after {opts.warmup} warm-up in each process.", ""]
     if "ds_config_differences" in trl:
         diff = trl["ds_config_differences"]
         lines += [("DeepSpeed JSON given to `deepspeed.initialize`, fcd_ds's vs the one transformers filled for TRL: "
@@ -393,10 +410,10 @@ def report(opts, results: dict, check: dict, peak_flops: float) -> str:
         lines.append("")
     else:
         lines += [f"KD loss check: {check.get('error', 'not run')}", ""]
-    lines += ["| case | step s (median) | tokens/s | tokens/s vs TRL | peak RSS in training (GiB) | peak RSS vs TRL "
-              "| RSS before training (GiB) | achieved GFLOP/s | fraction of measured matmul | KD loss, first / last step |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [_row(name, r, opts, peak_flops, trl) for name, r in results.items()]
+    lines += ["| case | step s (median) | tokens/s | tokens/s vs TRL | the same, round by round | peak RSS in training (GiB) "
+              "| peak RSS vs TRL | RSS before training (GiB) | achieved GFLOP/s | fraction of measured matmul | KD loss, first / last step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row(name, r, peak_flops, trl) for name, r in results.items()]
     methods = sorted({r["method"] for r in results.values() if "method" in r})
     if methods and methods != ["VmHWM"]:
         lines.append(f"\nPeak memory method: {', '.join(methods)} (ru_maxrss: the whole process, set-up included).")
@@ -405,7 +422,8 @@ def report(opts, results: dict, check: dict, peak_flops: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per case (median)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per case and round (median of all rounds')")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over the cases, each in the reverse order of the one before")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (max_steps = warmup + steps)")
     p.add_argument("--max_seq_length", type=int, default=256, help="tokens per block")
     p.add_argument("--batch_size", type=int, default=4, help="micro-batch (blocks per step)")
@@ -417,8 +435,8 @@ def main() -> None:
     for hidden in ("--_case", "--_name", "--_result", "--_out"):  # a case's own process
         p.add_argument(hidden, help=argparse.SUPPRESS)
     opts = p.parse_args()
-    if opts.warmup < 1 or opts.steps < 1:
-        p.error("--steps and --warmup must be >= 1")
+    if opts.warmup < 1 or opts.steps < 1 or opts.rounds < 1:
+        p.error("--steps, --warmup and --rounds must be >= 1")
     if opts._case:
         child(opts)
         return
@@ -427,11 +445,17 @@ def main() -> None:
     from fcd_ds.metrics import measure_matmul_tflops
 
     prepare_default_assets()  # once, before the cases' processes
-    peak_flops = measure_matmul_tflops() * 1e12
-    print(f"measured fp32 matmul rate: {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
+    peaks = [measure_matmul_tflops() * 1e12]
+    print(f"measured fp32 matmul rate: {peaks[0] / 1e9:.0f} GFLOP/s", flush=True)
     check = run_case(opts, "loss check", "loss_check")
-    results = {name: run_case(opts, name, "trl" if name == TRL else "fcd") for name in cases(fused_default())}
-    table = report(opts, results, check, peak_flops)
+    names = list(cases(fused_default()))
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(opts.rounds):  # order, reverse order, ...: a linear drift of the machine weighs alike on every case
+        for name in names if i % 2 == 0 else names[::-1]:
+            rounds[name].append(run_case(opts, name, "trl" if name == TRL else "fcd"))
+    peaks.append(measure_matmul_tflops() * 1e12)
+    results = {name: pool_rounds(rounds[name], opts.warmup) for name in names}
+    table = report(opts, results, check, peaks)
     print(table)
     if not opts.no_write:
         with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:

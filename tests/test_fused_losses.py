@@ -9,6 +9,7 @@ import torch
 
 from conftest import peak_allocated_bytes
 
+from fcd_ds.losses import fused
 from fcd_ds.losses import (
     causal_lm_loss,
     fused_linear_ce_kd,
@@ -84,6 +85,20 @@ def test_ce_kd_in_one_loop_equals_plain(chunk):
     assert_close(out.ce, ref_ce)
     assert_close(out.kd, ref_kd)
     assert not out.ce.requires_grad and not out.kd.requires_grad
+    for a, b in zip(grads(out.loss, s), grads(ref, s)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("tile", (1, 10, 97))  # one vocabulary row, a non-divisor of V (ragged last tile), V
+def test_cpu_vocabulary_tiles_equal_plain(monkeypatch, tile):
+    # on a CPU the logits matmul runs CPU_VOCAB_TILE vocabulary rows at a time (V = 97 is below the default)
+    monkeypatch.setattr(fused, "CPU_VOCAB_TILE", tile)
+    s, t, ids, mask = inputs(bias=True)
+    ref, ref_ce, ref_kd = plain(s, t, ids, mask, 0.3, 0.7)
+    out = fused_linear_ce_kd(s[0], s[1], t[0], t[1], ids, mask, temperature=T, ce_weight=0.3, kd_weight=0.7,
+                             student_bias=s[2], chunk_size=7)
+    assert_close(out.ce, ref_ce)
+    assert_close(out.kd, ref_kd)
     for a, b in zip(grads(out.loss, s), grads(ref, s)):
         assert_close(a, b)
 

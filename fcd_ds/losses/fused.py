@@ -32,6 +32,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "FusedLogitLosses", "fused_linear_ce_kd", "fuse
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: TRL's size; a (256, 49152) float32 chunk is 48 MiB
 IGNORE = -100
+CPU_VOCAB_TILE = 1024  # vocabulary rows per logits matmul on a CPU (_Head.logits_into)
 
 
 class FusedLogitLosses(NamedTuple):
@@ -48,74 +49,127 @@ class _Head(NamedTuple):
     weight: torch.Tensor  # (V, C)
     bias: torch.Tensor | None  # (V,)
 
-    def logits(self, rows: slice, acc: torch.dtype) -> torch.Tensor:
-        z = (self.hidden[rows] @ self.weight.T).to(acc)  # (n, V)
-        return z if self.bias is None else z.add_(self.bias)
+    def logits_into(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """The chunk's logits ``h[rows] @ W.T (+ b)`` written into ``out`` (n, V), a held contiguous buffer of
+        the accumulation dtype; the matmul runs in the head's dtype (as the model's own head: bf16 with float32
+        accumulation inside the matmul).
+
+        On a CPU, writing into a held buffer saves about 25 ms of page faults per fresh (256, 49152) float32
+        tensor, and the matmul is computed :data:`CPU_VOCAB_TILE` vocabulary rows at a time into a small
+        (tile, n) scratch that is copied transposed into ``out``: MKL's single (256 x 576) @ (576 x 49152) call
+        ran at about 60% of the rate of the same FLOPs tiled (218 against 127-145 ms on the 2-core x86 CPU of
+        benchmarks/RESULTS.md). On a GPU, one matmul."""
+        h = self.hidden[rows]  # (n, C)
+        if out.device.type != "cpu":
+            if h.dtype == out.dtype:
+                torch.mm(h, self.weight.T, out=out)
+            else:
+                out.copy_(h @ self.weight.T)
+        else:
+            vocab = self.weight.shape[0]
+            scratch = torch.empty(min(CPU_VOCAB_TILE, vocab), h.shape[0], dtype=h.dtype)  # (tile, n)
+            for j in range(0, vocab, CPU_VOCAB_TILE):
+                w = self.weight[j : j + CPU_VOCAB_TILE]  # (tile, C)
+                tile = torch.mm(w, h.T, out=scratch[: w.shape[0]])  # (tile, n)
+                out[:, j : j + w.shape[0]].copy_(tile.T)
+        return out if self.bias is None else out.add_(self.bias)
 
 
-def _ce_chunk(z: torch.Tensor, target: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropies over the chunk's counted rows, and ``scale`` times its gradient
-    w.r.t. the logits. z: (n, V), consumed; target: (n,), IGNORE = not counted; scale: scalar."""
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot product of two (n, V) tensors, (n,), without an (n, V) product: a batch of n (1, V) x (V, 1)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n, 1, V) x (n, V, 1) -> (n, 1, 1) -> (n,)
+
+
+def _ce_chunk(z: torch.Tensor, target: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of next-token cross-entropies over the chunk's counted rows and, when ``grad``, their gradient
+    w.r.t. the logits row by row, ``softmax(z) - one_hot(target)`` (rows not counted are not zeroed: the caller
+    scales rows). z: (n, V), overwritten (it holds the gradient); target: (n,), IGNORE = not counted."""
     valid = target != IGNORE  # (n,)
     safe = target.clamp(min=0)[:, None]  # (n, 1)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
-    loss = torch.where(valid, (lse - z.gather(1, safe))[:, 0], 0.0).sum()
-    grad = z.sub_(lse).exp_()  # softmax, (n, V)
-    grad.scatter_add_(1, safe, torch.full_like(lse, -1.0))  # softmax - one_hot(target)
-    return loss, grad.mul_(torch.where(valid, scale, 0.0)[:, None])
+    log_p = torch.log_softmax(z, dim=-1, out=z)  # (n, V), in place
+    loss = -torch.where(valid, log_p.gather(1, safe)[:, 0], 0.0).sum()
+    if not grad:
+        return loss, None
+    g = log_p.exp_()  # softmax, (n, V)
+    return loss, g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))  # softmax - one_hot(target)
 
 
-def _kd_chunk(z_s: torch.Tensor, z_t: torch.Tensor, keep: torch.Tensor, temperature: float, scale):
+def _kd_chunk(z_s: torch.Tensor, z_t: torch.Tensor, p_t: torch.Tensor, keep: torch.Tensor, temperature: float, grad: bool):
     """Sum over the chunk's kept rows of ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))`` (the ops of
-    :func:`logit_kd_loss`), and ``scale`` times its gradient w.r.t. z_s, ``T (softmax(z_s/T) - p_t)``.
-    z_s, z_t: (n, V), z_t consumed; keep: (n,) bool."""
-    log_p_t = F.log_softmax(z_t.div_(temperature), dim=-1)  # (n, V)
-    log_p_s = F.log_softmax(z_s / temperature, dim=-1)
-    p_t = log_p_t.exp()
-    kl = log_p_t.sub_(log_p_s).mul_(p_t).sum(-1)  # (n,)
+    :func:`logit_kd_loss`) and, when ``grad``, ``softmax(z_s/T) - p_t`` row by row (the gradient w.r.t. z_s
+    divided by T; rows not kept are not zeroed: the caller scales rows). All (n, V); z_s and z_t are
+    overwritten (z_s holds the gradient), p_t is a buffer for the teacher's probabilities; keep: (n,) bool."""
+    if temperature != 1.0:
+        z_s.div_(temperature)
+        z_t.div_(temperature)
+    log_p_t = torch.log_softmax(z_t, dim=-1, out=z_t)  # (n, V), in place
+    torch.exp(log_p_t, out=p_t)
+    log_p_s = torch.log_softmax(z_s, dim=-1, out=z_s)
+    kl = _rowdot(p_t, log_p_t.sub_(log_p_s))  # (n,): sum_v p_t (log p_t - log p_s)
     loss = temperature**2 * torch.where(keep, kl, 0.0).sum()
-    grad = log_p_s.exp_().sub_(p_t)  # (n, V)
-    return loss, grad.mul_(torch.where(keep, temperature * scale, 0.0)[:, None])
+    return loss, (log_p_s.exp_().sub_(p_t) if grad else None)
 
 
 def _chunk_loop(student: _Head, teacher: _Head | None, targets, keep, counts, weights, *, temperature: float,
                 chunk_size: int, needs: tuple[bool, bool, bool]):
     """Loss sums ``(ce_sum, kd_sum)`` over all tokens and, for ``needs = (hidden, weight, bias)``, the gradients
     of ``ce_weight * ce_sum / ce_count + kd_weight * kd_sum / kd_count`` (float32 sums over chunks).
-    targets: (M,) or None (no CE); keep: (M,) bool or None (no KD); counts, weights: (ce, kd) pairs."""
+    targets: (M,) or None (no CE); keep: (M,) bool or None (no KD); counts, weights: (ce, kd) pairs.
+
+    Four (chunk, V) buffers at most, allocated once per call and reused by every chunk: the student's logits,
+    the teacher's, the teacher's probabilities, and a copy of the student's logits when both CE and KD read
+    them. Row scales (1/count, weight, mask, T) are applied to the small (chunk, C) side of the gradient
+    matmuls, not to the (chunk, V) gradient."""
     acc = torch.promote_types(student.hidden.dtype, torch.float32)
     m, vocab = student.hidden.shape[0], student.weight.shape[0]
+    dev = student.hidden.device
     ce_scale, kd_scale = (w / c for w, c in zip(weights, counts))
+    grad = any(needs)
+    rows_max = min(chunk_size, m)
+    buf = lambda: torch.empty(rows_max, vocab, dtype=acc, device=dev)  # noqa: E731  (chunk, V)
+    z_buf = buf()
+    t_buf, p_buf = (buf(), buf()) if teacher is not None else (None, None)
+    s_buf = buf() if teacher is not None and targets is not None else None
     grad_h = torch.empty_like(student.hidden) if needs[0] else None  # (M, C_s)
-    grad_w = torch.zeros(student.weight.shape, dtype=acc, device=student.weight.device) if needs[1] else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=student.weight.device) if needs[2] else None
-    ce_sum = kd_sum = torch.zeros((), dtype=acc, device=student.hidden.device)
+    grad_w = torch.zeros(student.weight.shape, dtype=acc, device=dev) if needs[1] else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=dev) if needs[2] else None
+    ce_sum = kd_sum = torch.zeros((), dtype=acc, device=dev)
     for start in range(0, m, chunk_size):
         rows = slice(start, start + chunk_size)
-        z = student.logits(rows, acc)  # (n, V)
-        grad_z = None
+        n = min(chunk_size, m - start)
+        z = student.logits_into(rows, z_buf[:n])  # (n, V)
+        g = g_ce = row_scale = None
         if teacher is not None:
-            with torch.no_grad():
-                z_t = teacher.logits(rows, acc)  # (n, V)
-            loss, grad_z = _kd_chunk(z, z_t, keep[rows], temperature, kd_scale)
+            z_t = teacher.logits_into(rows, t_buf[:n])  # (n, V)
+            z_kd = z if s_buf is None else s_buf[:n].copy_(z)  # CE reads z after KD
+            loss, g = _kd_chunk(z_kd, z_t, p_buf[:n], keep[rows], temperature, grad)
             kd_sum = kd_sum + loss
-            del z_t
+            row_scale = torch.where(keep[rows], temperature * kd_scale, 0.0)  # (n,)
         if targets is not None:
-            loss, g = _ce_chunk(z, targets[rows], ce_scale)  # consumes z
+            loss, g_ce = _ce_chunk(z, targets[rows], grad)
             ce_sum = ce_sum + loss
-            grad_z = g if grad_z is None else grad_z.add_(g)
-        del z
-        if not any(needs):
+            ce_rows = torch.where(targets[rows] != IGNORE, ce_scale, 0.0)  # (n,)
+            if g is None:
+                g, row_scale = g_ce, ce_rows
+            elif grad:  # both: one (n, V) gradient, rows already scaled
+                g = g.mul_(row_scale[:, None]).addcmul_(g_ce, ce_rows[:, None])
+                row_scale = None
+        if not grad:
             continue
-        g = grad_z.to(student.weight.dtype)  # (n, V) in the head's dtype for its matmuls
+        g_head = g.to(student.weight.dtype)  # (n, V) in the head's dtype for its matmuls
+        h = student.hidden[rows]  # (n, C_s)
+        scale = None if row_scale is None else row_scale[:, None].to(student.weight.dtype)  # (n, 1)
         if grad_h is not None:
-            grad_h[rows] = g @ student.weight  # (n, C_s)
-        if grad_w is not None and g.dtype == acc:
-            grad_w.addmm_(g.T, student.hidden[rows])  # (V, C_s), no temporary
-        elif grad_w is not None:
-            grad_w.add_(g.T @ student.hidden[rows])
+            gh = g_head @ student.weight  # (n, C_s)
+            grad_h[rows] = gh if scale is None else gh.mul_(scale)
+        if grad_w is not None:
+            hs = h if scale is None else h * scale  # (n, C_s)
+            if g_head.dtype == acc:
+                grad_w.addmm_(g_head.T, hs)  # (V, C_s), no temporary
+            else:
+                grad_w.add_(g_head.T @ hs)
         if grad_b is not None:
-            grad_b.add_(grad_z.sum(0))
+            grad_b.add_(g.sum(0) if row_scale is None else row_scale @ g)  # (V,)
     return (ce_sum, kd_sum), (grad_h, grad_w, grad_b)
 
 
@@ -219,7 +273,7 @@ def fused_linear_cross_entropy(
         weight: (V, C) the LM head weight; bias: (V,) or None.
         input_ids: (B, N) token ids. mask: (B, N), 1 = real token.
         reduction: ``"mean"`` over counted targets or ``"sum"``.
-        chunk_size: tokens (of the B * N) per chunk; memory about 6 x chunk_size x V floats.
+        chunk_size: tokens (of the B * N) per chunk; memory about 4 x chunk_size x V floats (float32).
 
     Returns:
         Scalar in nats, float32 (float64 for float64 inputs). With no counted target, 0 with a zero
@@ -258,7 +312,7 @@ def fused_linear_kd(
         teacher_hidden: (B, N, C_t), teacher_weight: (V, C_t): the teacher's; no gradient reaches them.
         mask: (B, N), 1 = count the token (no shift: every attended position, as ``logit_kd_loss``).
         temperature: T > 0. student_bias, teacher_bias: (V,) or None.
-        chunk_size: tokens per chunk; memory about 6 x chunk_size x V floats.
+        chunk_size: tokens per chunk; memory about 4 x chunk_size x V floats (float32).
 
     Returns:
         Scalar >= 0 (nats), float32 (float64 for float64 inputs); 0 with a zero gradient when the mask is empty.
