@@ -75,11 +75,6 @@ class _Head(NamedTuple):
         return out if self.bias is None else out.add_(self.bias)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row dot product of two (n, V) tensors, (n,), without an (n, V) product: a batch of n (1, V) x (V, 1)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n, 1, V) x (n, V, 1) -> (n, 1, 1) -> (n,)
-
-
 def _ce_chunk(z: torch.Tensor, target: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum of next-token cross-entropies over the chunk's counted rows and, when ``grad``, their gradient
     w.r.t. the logits row by row, ``softmax(z) - one_hot(target)`` (rows not counted are not zeroed: the caller
@@ -105,7 +100,7 @@ def _kd_chunk(z_s: torch.Tensor, z_t: torch.Tensor, p_t: torch.Tensor, keep: tor
     log_p_t = torch.log_softmax(z_t, dim=-1, out=z_t)  # (n, V), in place
     torch.exp(log_p_t, out=p_t)
     log_p_s = torch.log_softmax(z_s, dim=-1, out=z_s)
-    kl = _rowdot(p_t, log_p_t.sub_(log_p_s))  # (n,): sum_v p_t (log p_t - log p_s)
+    kl = log_p_t.sub_(log_p_s).mul_(p_t).sum(-1)  # (n,): sum_v p_t (log p_t - log p_s), torch's cascade sum
     loss = temperature**2 * torch.where(keep, kl, 0.0).sum()
     return loss, (log_p_s.exp_().sub_(p_t) if grad else None)
 
