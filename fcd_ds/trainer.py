@@ -90,15 +90,21 @@ def _let_rank0_report() -> None:
         time.sleep(REPORT_GRACE_S)
 
 
-def usage_error(exc: UsageError) -> int:
-    """Print ``error: <message>`` (rank 0 only) and return exit status 2, as argparse; other ranks
-    first give rank 0 the time to print (:func:`_let_rank0_report`)."""
+def _report_usage(exc: UsageError) -> int:
+    """Print ``error: <message>`` (rank 0 only); the exit status 2, as argparse."""
     from .distributed import is_main_process
 
     if is_main_process():
         print(f"error: {exc}", file=sys.stderr, flush=True)
-    _let_rank0_report()
     return 2
+
+
+def usage_error(exc: UsageError) -> int:
+    """Print ``error: <message>`` (rank 0 only) and return exit status 2, as argparse; other ranks
+    first give rank 0 the time to print (:func:`_let_rank0_report`)."""
+    code = _report_usage(exc)
+    _let_rank0_report()
+    return code
 
 
 def _prefixed(prefix: str, metrics: dict, suffix: str = "") -> dict:
@@ -376,7 +382,7 @@ def finish(code: int = 0, exc: Exception | None = None) -> int:
     from .distributed import is_main_process
 
     if isinstance(exc, UsageError):
-        code = usage_error(exc)
+        code = _report_usage(exc)
     elif isinstance(exc, Preempted):
         code = REQUEUE_EXIT_CODE
         if is_main_process():
@@ -390,7 +396,7 @@ def finish(code: int = 0, exc: Exception | None = None) -> int:
         if exc is None or isinstance(exc, UsageError):
             dist.barrier()
         dist.destroy_process_group()
-    if code not in (0, 2):  # 2: usage_error already waited
+    if code != 0:
         _let_rank0_report()
     return code
 
