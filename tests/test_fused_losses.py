@@ -89,9 +89,11 @@ def test_ce_kd_in_one_loop_equals_plain(chunk):
         assert_close(a, b)
 
 
-@pytest.mark.parametrize("tile", (1, 10, 97))  # one vocabulary row, a non-divisor of V (ragged last tile), V
+# one vocabulary row; a non-divisor of V; V - 1 (a last tile of one row); None: one matmul, the GPU path (and
+# the path of every other test here: V = 97 is below the default tile)
+@pytest.mark.parametrize("tile", (1, 10, 96, None))
 def test_cpu_vocabulary_tiles_equal_plain(monkeypatch, tile):
-    # on a CPU the logits matmul runs CPU_VOCAB_TILE vocabulary rows at a time (V = 97 is below the default)
+    # on a CPU the logits matmul runs CPU_VOCAB_TILE vocabulary rows at a time
     monkeypatch.setattr(fused, "CPU_VOCAB_TILE", tile)
     s, t, ids, mask = inputs(bias=True)
     ref, ref_ce, ref_kd = plain(s, t, ids, mask, 0.3, 0.7)
@@ -111,6 +113,20 @@ def test_grad_output_scales_the_gradients_and_terms_combine():
     for a, b in zip(grads(3 * out.loss + extra(), s), grads(3 * plain(s, t, ids, mask)[0] + extra(), s)):
         assert_close(a, b)
 
+
+@pytest.mark.parametrize("scale", (1.0, 3.0))
+def test_repeated_backward_and_accumulation_stay_exact(scale):
+    # backward returns the kept gradients themselves when grad_output is 1: a second backward through the same
+    # graph (retain_graph) and .grad accumulation over two backwards must still give exactly twice the gradient
+    s, t, ids, mask = inputs()
+    out = fused_linear_ce_kd(s[0], s[1], t[0], t[1], ids, mask, temperature=T, chunk_size=5)
+    (scale * out.loss).backward(retain_graph=True)
+    first = [x.grad.clone() for x in s]
+    (scale * out.loss).backward()
+    ref = grads(scale * plain(s, t, ids, mask)[0], s)
+    for a, g, b in zip(first, (x.grad for x in s), ref):
+        assert_close(a, b)
+        assert_close(g, 2 * b)
 
 def test_zero_weight_term_is_skipped():
     s, t, ids, mask = inputs()
@@ -133,8 +149,10 @@ def test_no_grad_gives_the_same_values():
     assert_close(ce_sum, causal_lm_loss(s[0] @ s[1].T, ids, mask, reduction="sum").detach())
 
 
-def test_bf16_inputs_float32_result():
+@pytest.mark.parametrize("tile", (None, 10))  # one matmul; bf16 tiles copied into the float32 buffer
+def test_bf16_inputs_float32_result(monkeypatch, tile):
     # reference: the plain losses in float32 on the same bf16-representable values
+    monkeypatch.setattr(fused, "CPU_VOCAB_TILE", tile)
     s, t, ids, mask = inputs(torch.bfloat16)
     s32 = [x.detach().float().requires_grad_(True) for x in s]
     ref = plain(s32, [x.float() for x in t], ids, mask)[0]
