@@ -14,7 +14,8 @@ Timed alone (accelerator-synchronised, median of --steps after --warmup):
 * student forward + backward with the task loss (CE) only, and the optimizer step (from the CE-only steps'
   own breakdown: DeepSpeed owns backward and step, so they are timed where they happen).
 
-Then fcd_ds's full optimizer step (``DistillEngine.train_step``) with CE + FCD (default), CE + FCD + KD,
+Then fcd_ds's full optimizer step (``DistillEngine.train_step``) with CE + FCD (default), CE + FCD with the
+other ``--fcd_stack_pairs`` setting (pairs stacked on a CPU, one by one on a GPU), CE + FCD + KD,
 CE only (CE and KD fused with the LM head, the default ``--fused_logit_loss``) and CE + FCD + KD on whole
 (B, N, V) logits (``--fused_logit_loss false``), and each one's ratio to the sum of its parts: ``step / (teacher part + student fwd+bwd CE +
 optimizer)``. With --profile, one torch.profiler pass over the default step grouped by operator kind.
@@ -122,12 +123,16 @@ def main() -> None:
     peak_before = measure_matmul_tflops(n=matmul_n, dtype=dtype) * 1e12  # the rate drifts on shared machines: before and after
     student, teacher, task = job.distiller.student, job.distiller.teacher, plan.task
 
-    def engine_for(loss: str, fused: bool = True) -> DistillEngine:
+    def engine_for(loss: str, fused: bool = True, stack: str = "auto") -> DistillEngine:
         weights = {f"{t}_weight": None for t in ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")}
-        args = DistillArguments(**{**dataclasses.asdict(plan.distill_args), "loss": loss, **weights, "fused_logit_loss": fused})
+        args = DistillArguments(**{**dataclasses.asdict(plan.distill_args), "loss": loss, **weights, "fused_logit_loss": fused,
+                                   "fcd_stack_pairs": stack})
         return DistillEngine(student, teacher, plan.pairs, args, task, plan.attention_pairs)
 
-    variants = {"CE + FCD (default)": engine_for("ce+fcd"), "CE + FCD + KD": engine_for("ce+fcd+kd"), "CE only": engine_for("ce"),
+    # --fcd_stack_pairs auto stacks the layer pairs on accelerators only: the other setting, side by side.
+    other_stack = ("CE + FCD, pairs one by one", "false") if torch.cuda.is_available() else ("CE + FCD, pairs stacked", "true")
+    variants = {"CE + FCD (default)": engine_for("ce+fcd"), other_stack[0]: engine_for("ce+fcd", stack=other_stack[1]),
+                "CE + FCD + KD": engine_for("ce+fcd+kd"), "CE only": engine_for("ce"),
                 "CE + FCD + KD, unfused logits": engine_for("ce+fcd+kd", fused=False)}
     batches = job.micro_batches
     batch = variants["CE only"]._to_device(next(batches))
@@ -145,7 +150,7 @@ def main() -> None:
 
     # Full steps.
     rows = []
-    sums = {"CE + FCD (default)": med["teacher to the deepest FCD block"], "CE + FCD + KD": med["teacher whole, with head (KD)"], "CE only": 0.0,
+    sums = {"CE + FCD (default)": med["teacher to the deepest FCD block"], other_stack[0]: med["teacher to the deepest FCD block"], "CE + FCD + KD": med["teacher whole, with head (KD)"], "CE only": 0.0,
             "CE + FCD + KD, unfused logits": med["teacher whole, with head (KD)"]}
     for name, engine in variants.items():
         step = statistics.median(timed(lambda: engine.train_step(batches), args.steps, args.warmup))

@@ -161,6 +161,7 @@ class DistillArguments:
     fcd_beta: float = field(default=1.0, metadata={"help": "Weight of FCD's sequence-level relation term."})
     fcd_sequence_relation: str = field(default="position", metadata={"help": f"Sequence relation: one of {SEQUENCE_RELATIONS}."})
     fcd_global_batch: bool = field(default=True, metadata={"help": "All-gather features over data-parallel ranks for the sequence relation."})
+    fcd_stack_pairs: str = field(default="auto", metadata={"help": "Compute the FCD layer pairs stacked, one set of kernels for several pairs (fcd_ds.losses.fcd_pair_terms; same values): 'true', 'false', or 'auto' = on GPUs and other accelerators (launch-bound at short sequences), off on CPUs (slower there: benchmarks/RESULTS.md)."})
     fcd_chunk_size: int = field(default=1024, metadata={"help": "Rows of the N x N token relation, and positions of the B x N x B sequence relation, computed at once (memory bound)."})
     kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of logit KD."})
     fused_logit_loss: bool = field(default=True, metadata={"help": "Causal LMs: compute the next-token CE and logit KD inside the LM head a chunk of 256 tokens at a time from the last hidden states, so no (B, N, V) logits are held (fcd_ds.losses.fused; same values). Off with dist (it needs the logits) and for encoders."})
@@ -179,6 +180,8 @@ class DistillArguments:
             _positive(name, getattr(self, name))
         if self.fcd_sequence_relation not in SEQUENCE_RELATIONS:
             raise UsageError(f"--fcd_sequence_relation: must be one of {SEQUENCE_RELATIONS}, got {self.fcd_sequence_relation!r}")
+        if self.fcd_stack_pairs not in ("auto", "true", "false"):
+            raise UsageError(f"--fcd_stack_pairs: must be one of ('auto', 'true', 'false'), got {self.fcd_stack_pairs!r}")
         if self.fcd_weight and not (self.fcd_alpha or self.fcd_beta):
             raise UsageError("--fcd_alpha and --fcd_beta are both 0; set one > 0, or --fcd_weight 0 to switch FCD off")
         if self.dist_weight and not (self.dist_inter_weight or self.dist_intra_weight):

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_gather_with_grad", "all_gather_no_grad", "release_deepspeed_shm_buffer"]
+__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_reduce_host", "all_gather_with_grad", "all_gather_no_grad",
+           "release_deepspeed_shm_buffer"]
 
 
 def rank() -> int:
@@ -50,6 +51,26 @@ def release_deepspeed_shm_buffer() -> None:
     )
     if os.path.exists(name):
         os.unlink(name)
+
+
+def all_reduce_host(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small host (CPU) tensor and return the result on the host; ``x`` itself is unchanged.
+
+    NCCL reduces only CUDA tensors ("No backend type associated with device type cpu", seen on an H100
+    with a float64 CPU tensor), gloo and DeepSpeed's CPU backend only CPU ones: the tensor travels to the
+    device the default group's backend reduces on (the rank's current accelerator device unless the
+    backend is gloo) and back. Collective; returns ``x`` unchanged without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    if dist.get_backend() == "gloo":
+        y = x.clone()
+    else:
+        from deepspeed.accelerator import get_accelerator
+
+        y = x.to(get_accelerator().current_device_name())
+    dist.all_reduce(y, op=op)
+    return y.cpu()
 
 
 @contextmanager

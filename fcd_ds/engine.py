@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from .distributed import all_reduce_host
 from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
 from .fused_head import FusedLogitHead
 from .layer_map import LayerPair
-from .losses import causal_lm_loss, dist_loss, fcd_terms, hidden_mse_loss, minilm_loss
+from .losses import causal_lm_loss, dist_loss, fcd_pair_terms, hidden_mse_loss, minilm_loss
 from .projections import hidden_projection
 
 __all__ = ["DistillEngine", "TeacherView", "causal_lm_loss"]
@@ -165,11 +166,12 @@ class DistillEngine:
                 terms["loss/ce"], used_outputs = task_loss, True
         if w["fcd"]:
             values = []
-            for p in self.pairs:
-                with record_function("loss/fcd"):
-                    t = fcd_terms(feats[p.student], teacher.features[p.teacher], mask, alpha=a.fcd_alpha, beta=a.fcd_beta,
-                                  sequence_relation=a.fcd_sequence_relation, global_batch=a.fcd_global_batch,
-                                  chunk_size=a.fcd_chunk_size)
+            with record_function("loss/fcd"):  # the pairs stacked: one set of kernels for several pairs
+                pair_terms = fcd_pair_terms([feats[p.student] for p in self.pairs], [teacher.features[p.teacher] for p in self.pairs],
+                                            mask, alpha=a.fcd_alpha, beta=a.fcd_beta, sequence_relation=a.fcd_sequence_relation,
+                                            global_batch=a.fcd_global_batch, chunk_size=a.fcd_chunk_size,
+                                            stack={"auto": None, "true": True, "false": False}[a.fcd_stack_pairs])
+            for p, t in zip(self.pairs, pair_terms):
                 terms[f"fcd/{p.name}/token"], terms[f"fcd/{p.name}/sequence"] = t.token, t.sequence
                 values.append(a.fcd_alpha * t.token + a.fcd_beta * t.sequence)
             terms["loss/fcd"] = _pair_mean(self.pairs, values)
@@ -282,7 +284,7 @@ class DistillEngine:
                 engine.train()
         if held_out:
             if dist.is_initialized():
-                dist.all_reduce(sums)  # mean over ranks' batches
+                sums = all_reduce_host(sums)  # mean over ranks' batches
             return {t: (sums[i] / sums[-1]).item() for i, t in enumerate(held_out)}
         local = {k: torch.cat(v) for k, v in collected.items()}
         if dist.is_initialized() and dist.get_world_size() > 1:

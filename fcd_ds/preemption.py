@@ -21,6 +21,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .distributed import all_reduce_host
+
 __all__ = ["REQUEUE_EXIT_CODE", "NONFINITE_EXIT_CODE", "STOP_SIGNALS", "Preempted", "StopFlag"]
 
 REQUEUE_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again" (a checkpoint was saved)
@@ -80,7 +82,7 @@ class StopFlag:
         """
         flags = torch.tensor([self.received or 0, *map(float, nonfinite)], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = all_reduce_host(flags, op=dist.ReduceOp.MAX)
         signum = int(flags[0].item()) or None
         return signum, [bool(v) for v in flags[1:].tolist()]
 

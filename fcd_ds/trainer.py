@@ -209,13 +209,14 @@ def _measure_compute(ds_config: dict) -> tuple[int, float]:
     import torch
     import torch.distributed as dist
 
+    from .distributed import all_reduce_host
     from .metrics import measure_matmul_tflops
 
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     dist.barrier()
     mine = torch.tensor([measure_matmul_tflops(n=2048 if dtype == torch.float32 else 4096, repeats=5, dtype=dtype)],
                         dtype=torch.float64)
-    dist.all_reduce(mine)  # mean over ranks: one figure for every rank's fraction
+    mine = all_reduce_host(mine)  # mean over ranks: one figure for every rank's fraction
     return torch.get_num_threads(), mine.item() / dist.get_world_size()
 
 

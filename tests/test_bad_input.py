@@ -58,6 +58,7 @@ CASES = {
     "zero warm-up": (["--warmup_steps", "0"], "--warmup_steps: must be >= 1"),
     "NaN weight": (["--fcd_weight", "nan"], "--fcd_weight: must be a finite number, got nan"),
     "infinite learning rate": (["--learning_rate", "inf"], "--learning_rate: must be a finite number, got inf"),
+    "stack pairs value": (["--fcd_stack_pairs", "yes"], "--fcd_stack_pairs: must be one of ('auto', 'true', 'false'), got 'yes'"),
 }
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from fcd_ds.losses import fcd_loss
+from fcd_ds.losses import fcd_loss, fcd_pair_terms, fcd_terms
 
 
 def _inputs():
@@ -21,12 +21,20 @@ def _inputs():
     return x_s, h_t, w, mask
 
 
+def _pairs(x_s, h_t, w):
+    """Two layer pairs from one student parameter: (B, N, 8) student and (B, N, 12) teacher features each."""
+    h = x_s @ w
+    return [h, torch.tanh(h)], [h_t, h_t.flip(-1)]
+
+
 def _full(kind):
     x_s, h_t, w, mask = _inputs()
     w = w.clone().requires_grad_(True)
     loss = fcd_loss(x_s @ w, h_t, mask, sequence_relation=kind)
     loss.backward()
-    return loss.item(), w.grad
+    hs, ht = _pairs(x_s, h_t, w)
+    pairs = sum(sum(fcd_terms(a, b, mask, sequence_relation=kind)) for a, b in zip(hs, ht))  # one pair at a time
+    return loss.item(), w.grad, pairs.item(), torch.autograd.grad(pairs, w)[0]
 
 
 def _worker(rank, port, kind, out):
@@ -40,7 +48,12 @@ def _worker(rank, port, kind, out):
     loss.backward()
     dist.all_reduce(w.grad)
     w.grad /= 2  # DeepSpeed's data-parallel gradient averaging
-    out[rank] = (loss.item(), w.grad.clone())
+    # The layer pairs stacked (the engine's path on GPUs): the gathers move the pair dimension behind B.
+    hs, ht = _pairs(x_s[part], h_t[part], w)
+    pairs = sum(sum(t) for t in fcd_pair_terms(hs, ht, mask[part], sequence_relation=kind, global_batch=True, stack=True))
+    pair_grad = torch.autograd.grad(pairs, w)[0]
+    dist.all_reduce(pair_grad)
+    out[rank] = (loss.item(), w.grad.clone(), pairs.item(), pair_grad / 2)
     dist.destroy_process_group()
 
 
@@ -53,9 +66,11 @@ def _split(kind):
 
 def test_global_batch_loss_and_gradient_match_one_process():
     for kind in ("position", "pooled"):
-        full_loss, full_grad = _full(kind)
+        full_loss, full_grad, full_pairs, full_pair_grad = _full(kind)
         results = _split(kind)
         for rank in (0, 1):
-            loss, grad = results[rank]
+            loss, grad, pairs, pair_grad = results[rank]
             assert abs(loss - full_loss) < 1e-5, (kind, rank, loss, full_loss)
             assert torch.allclose(grad, full_grad, atol=1e-5), kind
+            assert abs(pairs - full_pairs) < 1e-5, (kind, rank, pairs, full_pairs)
+            assert torch.allclose(pair_grad, full_pair_grad, atol=1e-5), kind

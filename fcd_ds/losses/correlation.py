@@ -63,17 +63,17 @@ def mean_one_minus_rho(rho: torch.Tensor, counts: torch.Tensor, *, global_batch:
     """``1 - mean(rho)`` over the rows that count (FCD_SPEC step 5), 0 with zero gradient if none do.
 
     Args:
-        rho: (R,) correlations.
-        counts: (R,) bool, true where the row has enough valid entries to count.
+        rho: (*G, R) correlations; leading dimensions G (e.g. stacked layer pairs) are kept.
+        counts: (R,) or (*G, R) bool, true where the row has enough valid entries to count.
         global_batch: average over the rows of every data-parallel rank (each rank's two sums gathered
             with a differentiable all_gather and added, so that DeepSpeed's gradient averaging yields the
             global-batch gradient).
 
     Returns:
-        float32 scalar in [0, 2].
+        float32 (*G,) (a scalar for 1-D ``rho``) in [0, 2].
     """
-    w = counts.float()
-    sums = torch.stack([(w * (1.0 - rho)).sum(), w.sum()])  # (2,): sum of 1 - rho, rows counted
+    w = counts.float().expand_as(rho)  # (*G, R)
+    sums = torch.stack([(w * (1.0 - rho)).sum(-1), w.sum(-1)], -1)  # (*G, 2): sum of 1 - rho, rows counted
     if global_batch:
-        sums = all_gather_with_grad(sums[None]).sum(0)  # (world, 2) -> (2,)
-    return sums[0] / sums[1].clamp(min=1.0)
+        sums = all_gather_with_grad(sums[None]).sum(0)  # (world, *G, 2) -> (*G, 2)
+    return sums[..., 0] / sums[..., 1].clamp(min=1.0)

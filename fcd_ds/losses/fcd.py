@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -10,22 +11,29 @@ from ..distributed import all_gather_no_grad, all_gather_with_grad
 from .correlation import mean_one_minus_rho, pearson_correlation
 from .relations import SEQUENCE_RELATIONS, mean_pool, pooled_relation, sequence_correlation, token_correlation
 
-__all__ = ["FCDTerms", "fcd_terms", "fcd_loss", "token_loss", "sequence_loss"]
+__all__ = ["FCDTerms", "fcd_terms", "fcd_pair_terms", "fcd_loss", "token_loss", "sequence_loss"]
 
 
 class FCDTerms(NamedTuple):
-    """Unweighted FCD terms of one layer pair, float32 scalars in [0, 2]."""
+    """Unweighted FCD terms of one layer pair, float32 scalars in [0, 2] ((*G,) for stacked pairs)."""
 
     token: torch.Tensor  # L_tok
     sequence: torch.Tensor  # L_seq
 
 
 def _check(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> None:
-    if h_s.dim() != 3 or h_t.dim() != 3 or h_s.shape[:2] != h_t.shape[:2] or mask.shape != h_s.shape[:2]:
+    if h_s.dim() < 3 or h_t.dim() != h_s.dim() or h_s.shape[:-1] != h_t.shape[:-1] or mask.shape != h_s.shape[-3:-1]:
         raise ValueError(
-            "fcd_loss: expected student (B, N, C_s), teacher (B, N, C_t) and mask (B, N) with the same "
-            f"B and N; got {tuple(h_s.shape)}, {tuple(h_t.shape)}, {tuple(mask.shape)}"
+            "fcd_loss: expected student (B, N, C_s), teacher (B, N, C_t) and mask (B, N) with the same B and N "
+            f"(stacked pairs: (G, B, N, C) both); got {tuple(h_s.shape)}, {tuple(h_t.shape)}, {tuple(mask.shape)}"
         )
+
+
+def _gather_samples(x: torch.Tensor, dim: int, grad: bool) -> torch.Tensor:
+    """All-gather the sample dimension ``dim`` of ``x`` over the default process group (identity without one).
+    (*G, B, ...) -> (*G, world * B, ...): the leading group dimensions are moved behind B for the gather."""
+    gather = all_gather_with_grad if grad else all_gather_no_grad
+    return gather(x.movedim(dim, 0)).movedim(0, dim)  # (B, *G, ...) -> (world * B, *G, ...) -> back
 
 
 def token_loss(
@@ -39,13 +47,14 @@ def token_loss(
     """L_tok = 1 - mean over sequences of rho(T_b^s, T_b^t) (FCD_SPEC step 5).
 
     Args:
-        h_s: (B, N, C_s). h_t: (B, N, C_t). mask: (B, N).
+        h_s: (*G, B, N, C_s). h_t: (*G, B, N, C_t). mask: (B, N). Leading group dimensions G (stacked
+            layer pairs) are independent losses computed together.
         chunk_size: rows of the N x N relation computed at once (see :func:`token_correlation`).
         global_batch: mean over the sequences of every data-parallel rank (each rank still computes
-            only its own relations; two scalars are all-reduced).
+            only its own relations; two scalars per group are all-reduced).
 
     Returns:
-        float32 scalar in [0, 2]; 0 with zero gradient when no sequence has 3 real tokens.
+        float32 (*G,) (a scalar for 3-D inputs) in [0, 2]; 0 with zero gradient when no sequence has 3 real tokens.
     """
     _check(h_s, h_t, mask)
     rho, counts = token_correlation(h_s, h_t.detach(), mask, chunk_size=chunk_size)
@@ -64,7 +73,8 @@ def sequence_loss(
     """L_seq = 1 - mean over samples of rho(row b of student, row b of teacher) (FCD_SPEC step 5).
 
     Args:
-        h_s: (B, N, C_s). h_t: (B, N, C_t). mask: (B, N).
+        h_s: (*G, B, N, C_s). h_t: (*G, B, N, C_t). mask: (B, N). Leading group dimensions G (stacked
+            layer pairs) are independent losses computed together (samples related within their group).
         kind: ``"position"`` or ``"pooled"`` (see :func:`sequence_relation`).
         chunk_size: ``position`` only: positions of the (B, N, B) relation computed at once (see
             :func:`sequence_correlation`); ``None`` computes all positions at once.
@@ -74,23 +84,24 @@ def sequence_loss(
             match across ranks.
 
     Returns:
-        float32 scalar in [0, 2]; 0 with zero gradient for a batch of 1 or rows with < 2 valid entries.
+        float32 (*G,) (a scalar for 3-D inputs) in [0, 2]; 0 with zero gradient for a batch of 1 or rows
+        with < 2 valid entries.
     """
     _check(h_s, h_t, mask)
     h_t = h_t.detach()
     if kind == "pooled":  # pool first: a global batch gathers (B, C) pooled vectors, not (B, N, C) features
-        (p_s, has_token), (p_t, _) = mean_pool(h_s, mask), mean_pool(h_t, mask)  # (B, C_s), (B,); (B, C_t)
+        (p_s, has_token), (p_t, _) = mean_pool(h_s, mask), mean_pool(h_t, mask)  # (*G, B, C_s), (B,); (*G, B, C_t)
         if global_batch:
-            p_s, p_t, has_token = all_gather_with_grad(p_s), all_gather_no_grad(p_t), all_gather_no_grad(has_token)
-        rel_s, valid = pooled_relation(p_s, has_token)  # (B, B), (B, B)
+            p_s, p_t, has_token = _gather_samples(p_s, -2, True), _gather_samples(p_t, -2, False), all_gather_no_grad(has_token)
+        rel_s, valid = pooled_relation(p_s, has_token)  # (*G, B, B), (B, B)
         rel_t, _ = pooled_relation(p_t, has_token)
-        rho = pearson_correlation(rel_s, rel_t, valid)  # (B,)
+        rho = pearson_correlation(rel_s, rel_t, valid.expand_as(rel_s))  # (*G, B)
         return mean_one_minus_rho(rho, valid.sum(-1) >= 2)
     if kind != "position":
         raise ValueError(f"sequence_loss: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")
     if global_batch:
-        h_s, h_t, mask = all_gather_with_grad(h_s), all_gather_no_grad(h_t), all_gather_no_grad(mask)
-    rho, counts = sequence_correlation(h_s, h_t, mask, chunk_size=chunk_size)  # (B,), (B,)
+        h_s, h_t, mask = _gather_samples(h_s, -3, True), _gather_samples(h_t, -3, False), all_gather_no_grad(mask)
+    rho, counts = sequence_correlation(h_s, h_t, mask, chunk_size=chunk_size)  # (*G, B), (B,)
     return mean_one_minus_rho(rho, counts)
 
 
@@ -111,7 +122,7 @@ def fcd_terms(
     """
     if sequence_relation not in SEQUENCE_RELATIONS:
         raise ValueError(f"fcd_loss: sequence_relation must be one of {SEQUENCE_RELATIONS}, got {sequence_relation!r}")
-    zero = student_hidden.float().sum() * 0.0  # 0 connected to the graph: zero gradient, no special case
+    zero = student_hidden.float().sum((-3, -2, -1)) * 0.0  # (*G,) 0 connected to the graph: zero gradient, no special case
     tok = (
         token_loss(student_hidden, teacher_hidden, attention_mask, chunk_size=chunk_size, global_batch=global_batch)
         if alpha
@@ -144,8 +155,9 @@ def fcd_loss(
     (FCD_SPEC.md). No projection: C_s and C_t may differ. All math in float32.
 
     Args:
-        student_hidden: (B, N, C_s) output of a student block.
-        teacher_hidden: (B, N, C_t) output of the paired teacher block; never receives gradient.
+        student_hidden: (B, N, C_s) output of a student block; (*G, B, N, C_s) for G stacked pairs, which
+            returns one loss per pair, (*G,) (see :func:`fcd_pair_terms`).
+        teacher_hidden: (B, N, C_t) output of the paired teacher block ((*G, B, N, C_t)); never receives gradient.
         attention_mask: (B, N), 1 for real tokens, 0 for padding; padded features never matter.
         alpha: weight of the token-level term. beta: weight of the sequence-level term.
         sequence_relation: ``"position"`` (default) or ``"pooled"``.
@@ -173,3 +185,68 @@ def fcd_loss(
         chunk_size=chunk_size,
     )
     return alpha * terms.token + beta * terms.sequence
+
+
+def fcd_pair_terms(
+    student_hiddens: Sequence[torch.Tensor],
+    teacher_hiddens: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    sequence_relation: str = "position",
+    global_batch: bool = False,
+    chunk_size: int | None = None,
+    stack: bool | None = None,
+) -> list[FCDTerms]:
+    """The FCD terms of several layer pairs, computed with the pairs stacked: one set of kernels per group.
+
+    The same values as one :func:`fcd_terms` call per pair (the pairs are independent problems along a
+    leading dimension), with a tenth of the operator calls for ten pairs: on a GPU a short-sequence FCD
+    step is bound by kernel launches, not arithmetic. Pairs are stacked ``max(1, chunk_size // N)`` at a
+    time, so that ``chunk_size`` still bounds the rows of token relation held at once across the group
+    (a sequence longer than ``chunk_size`` is computed one pair at a time, in blocks, as before).
+    Stacking copies each group's features once (``torch.stack``, and the position-major copies of the
+    sequence relation's batched matmuls); the gradient reaches each student feature through the stack.
+    On a CPU, which is not launch-bound, the larger stacked tensors fall out of cache: the same ten
+    pairs (8 x 128 tokens, width 576) took 0.50 s stacked against 0.28-0.35 s one by one (forward and
+    backward), so ``stack=None`` stacks on accelerators only.
+
+    Args:
+        student_hiddens: P tensors (B, N, C_s), the student block outputs of the pairs, in pair order (a
+            block may appear more than once). teacher_hiddens: P tensors (B, N, C_t), never receive gradient.
+        attention_mask: (B, N). Other arguments as :func:`fcd_loss`.
+        stack: stack the pairs (True), compute them one by one (False), or stack when the features are
+            not on a CPU (None).
+
+    Returns:
+        P :class:`FCDTerms` of float32 scalars, in pair order.
+
+    Raises:
+        ValueError: the lists are empty or differ in length, or the pairs' shapes differ within a model.
+    """
+    if not student_hiddens or len(student_hiddens) != len(teacher_hiddens):
+        raise ValueError(f"fcd_pair_terms: expected as many student as teacher features (at least 1); "
+                         f"got {len(student_hiddens)} and {len(teacher_hiddens)}")
+    for name, hs in (("student", student_hiddens), ("teacher", teacher_hiddens)):
+        if len({tuple(h.shape) for h in hs}) != 1:
+            raise ValueError(f"fcd_pair_terms: every {name} feature must have one shape; got {[tuple(h.shape) for h in hs]}")
+    n, pairs = attention_mask.shape[-1], len(student_hiddens)
+    if stack is None:
+        stack = student_hiddens[0].device.type != "cpu"
+    per_group = 1 if not stack else pairs if chunk_size is None else max(1, chunk_size // max(n, 1))
+    out: list[FCDTerms] = []
+    for start in range(0, pairs, per_group):
+        stop = min(start + per_group, pairs)
+        if stop - start == 1:  # no copy for a group of one
+            h_s, h_t = student_hiddens[start], teacher_hiddens[start]  # (B, N, C_s), (B, N, C_t)
+        else:
+            h_s = torch.stack(list(student_hiddens[start:stop]))  # (G, B, N, C_s)
+            h_t = torch.stack([h.detach() for h in teacher_hiddens[start:stop]])  # (G, B, N, C_t)
+        terms = fcd_terms(h_s, h_t, attention_mask, alpha=alpha, beta=beta, sequence_relation=sequence_relation,
+                          global_batch=global_batch, chunk_size=chunk_size)
+        if stop - start == 1:
+            out.append(terms)
+        else:
+            out.extend(FCDTerms(tok, seq) for tok, seq in zip(terms.token.unbind(0), terms.sequence.unbind(0)))
+    return out
