@@ -18,6 +18,7 @@ __all__ = [
     "DataArguments",
     "DistillArguments",
     "LOSS_TERMS",
+    "FCD_STACK_PAIRS",
     "TrainArguments",
     "parse_args",
     "DS_CONFIG_DIR",
@@ -126,6 +127,7 @@ class DataArguments:
 
 
 LOSS_TERMS = ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")
+FCD_STACK_PAIRS = {"auto": None, "true": True, "false": False}  # --fcd_stack_pairs -> fcd_pair_terms(stack=...)
 """Loss terms ``--loss`` can combine: the task loss and five distillation methods (see :class:`DistillArguments`)."""
 
 # Used when --loss is not given: the task loss plus FCD, each other term off unless its weight is given.
@@ -180,8 +182,8 @@ class DistillArguments:
             _positive(name, getattr(self, name))
         if self.fcd_sequence_relation not in SEQUENCE_RELATIONS:
             raise UsageError(f"--fcd_sequence_relation: must be one of {SEQUENCE_RELATIONS}, got {self.fcd_sequence_relation!r}")
-        if self.fcd_stack_pairs not in ("auto", "true", "false"):
-            raise UsageError(f"--fcd_stack_pairs: must be one of ('auto', 'true', 'false'), got {self.fcd_stack_pairs!r}")
+        if self.fcd_stack_pairs not in FCD_STACK_PAIRS:
+            raise UsageError(f"--fcd_stack_pairs: must be one of {tuple(FCD_STACK_PAIRS)}, got {self.fcd_stack_pairs!r}")
         if self.fcd_weight and not (self.fcd_alpha or self.fcd_beta):
             raise UsageError("--fcd_alpha and --fcd_beta are both 0; set one > 0, or --fcd_weight 0 to switch FCD off")
         if self.dist_weight and not (self.dist_inter_weight or self.dist_intra_weight):

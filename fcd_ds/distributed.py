@@ -63,12 +63,10 @@ def all_reduce_host(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return x
-    if dist.get_backend() == "gloo":
-        y = x.clone()
-    else:
-        from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator
 
-        y = x.to(get_accelerator().current_device_name())
+    device = "cpu" if dist.get_backend() == "gloo" else get_accelerator().current_device_name()
+    y = x.to(device, copy=True)  # a copy also where the device is the CPU: x is never reduced in place
     dist.all_reduce(y, op=op)
     return y.cpu()
 

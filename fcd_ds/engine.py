@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from .config import FCD_STACK_PAIRS
 from .distributed import all_reduce_host
 from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
@@ -170,7 +171,7 @@ class DistillEngine:
                 pair_terms = fcd_pair_terms([feats[p.student] for p in self.pairs], [teacher.features[p.teacher] for p in self.pairs],
                                             mask, alpha=a.fcd_alpha, beta=a.fcd_beta, sequence_relation=a.fcd_sequence_relation,
                                             global_batch=a.fcd_global_batch, chunk_size=a.fcd_chunk_size,
-                                            stack={"auto": None, "true": True, "false": False}[a.fcd_stack_pairs])
+                                            stack=FCD_STACK_PAIRS[a.fcd_stack_pairs])
             for p, t in zip(self.pairs, pair_terms):
                 terms[f"fcd/{p.name}/token"], terms[f"fcd/{p.name}/sequence"] = t.token, t.sequence
                 values.append(a.fcd_alpha * t.token + a.fcd_beta * t.sequence)
@@ -283,8 +284,7 @@ class DistillEngine:
             if was_training:
                 engine.train()
         if held_out:
-            if dist.is_initialized():
-                sums = all_reduce_host(sums)  # mean over ranks' batches
+            sums = all_reduce_host(sums)  # mean over ranks' batches (unchanged without a process group)
             return {t: (sums[i] / sums[-1]).item() for i, t in enumerate(held_out)}
         local = {k: torch.cat(v) for k, v in collected.items()}
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -235,18 +235,15 @@ def fcd_pair_terms(
     if stack is None:
         stack = student_hiddens[0].device.type != "cpu"
     per_group = 1 if not stack else pairs if chunk_size is None else max(1, chunk_size // max(n, 1))
+    options = dict(alpha=alpha, beta=beta, sequence_relation=sequence_relation, global_batch=global_batch, chunk_size=chunk_size)
     out: list[FCDTerms] = []
     for start in range(0, pairs, per_group):
-        stop = min(start + per_group, pairs)
-        if stop - start == 1:  # no copy for a group of one
-            h_s, h_t = student_hiddens[start], teacher_hiddens[start]  # (B, N, C_s), (B, N, C_t)
-        else:
-            h_s = torch.stack(list(student_hiddens[start:stop]))  # (G, B, N, C_s)
-            h_t = torch.stack([h.detach() for h in teacher_hiddens[start:stop]])  # (G, B, N, C_t)
-        terms = fcd_terms(h_s, h_t, attention_mask, alpha=alpha, beta=beta, sequence_relation=sequence_relation,
-                          global_batch=global_batch, chunk_size=chunk_size)
-        if stop - start == 1:
-            out.append(terms)
-        else:
-            out.extend(FCDTerms(tok, seq) for tok, seq in zip(terms.token.unbind(0), terms.sequence.unbind(0)))
+        group_s, group_t = student_hiddens[start : start + per_group], teacher_hiddens[start : start + per_group]
+        if len(group_s) == 1:  # no copy for a group of one: (B, N, C_s), (B, N, C_t) -> scalar terms
+            out.append(fcd_terms(group_s[0], group_t[0], attention_mask, **options))
+            continue
+        h_s = torch.stack(list(group_s))  # (G, B, N, C_s)
+        h_t = torch.stack([h.detach() for h in group_t])  # (G, B, N, C_t)
+        terms = fcd_terms(h_s, h_t, attention_mask, **options)  # (G,) terms
+        out.extend(FCDTerms(tok, seq) for tok, seq in zip(terms.token.unbind(0), terms.sequence.unbind(0)))
     return out
