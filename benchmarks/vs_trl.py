@@ -23,7 +23,11 @@ activation checkpointing, ``use_cache`` off in both models. Cases, each in its o
 * ``fcd_ds KD``: the library's own step (``plan_run`` + ``trainer.setup`` + ``DistillEngine.train_step``,
   as step_cost.py) with ``--ce_weight 0 --kd_weight 1 --fcd_weight 0`` (its default ``--fused_logit_loss``, read off
   ``DistillArguments`` at run time), then the same with the other value (the materialised logits);
-* ``fcd_ds KD + FCD``: the same with ``--fcd_weight 1`` (the default layer map).
+* ``fcd_ds KD + FCD``: the same with ``--fcd_weight 1`` (the default layer map);
+* host memory: fcd_ds keeps freed host memory in glibc's heap (``--host_memory_reuse``, default auto: on
+  when training on CPUs; ``fcd_ds.host_memory``), which TRL does not. So TRL also runs with the same
+  setting made in its process before its trainer is built (``TRL GKDTrainer ..., host memory reused``),
+  and fcd_ds's default KD case also runs with ``--host_memory_reuse false``: both comparisons, side by side.
 
 The loss: GKDTrainer's ``compute_loss`` calls ``generalized_jsd_loss`` without its temperature, so its loss is
 always at T = 1 (``GKDConfig.temperature`` is the sampling temperature) and has no T^2 factor; it averages
@@ -69,6 +73,7 @@ from launch import REPO, spawn  # benchmarks/launch.py (python puts benchmarks/ 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental.gkd is what is measured
 DS_JSON = REPO / "ds_configs" / "zero2.json"
 TRL = "TRL GKDTrainer (lmbda 0, beta 0)"
+TRL_REUSE = "TRL GKDTrainer (lmbda 0, beta 0), host memory reused as fcd_ds does"
 
 
 def fused_default() -> bool:
@@ -82,7 +87,8 @@ def cases(fused: bool) -> dict[str, list[str]]:
     """``{case name: fcd_ds flags on top of :func:`fcd_flags`}`` in run order, for ``fused`` the default of
     ``--fused_logit_loss``. The TRL case reads the first fcd_ds case's plan (teacher, student, data, JSON)."""
     name = {True: "fused logit loss", False: "logits materialised"}
-    return {TRL: [], f"fcd_ds KD, {name[fused]} (default)": [],
+    return {TRL: [], TRL_REUSE: [], f"fcd_ds KD, {name[fused]} (default)": [],
+            f"fcd_ds KD, {name[fused]}, --host_memory_reuse false": ["--host_memory_reuse", "false"],
             f"fcd_ds KD, {name[not fused]} (--fused_logit_loss {str(not fused).lower()})": ["--fused_logit_loss", str(not fused).lower()],
             f"fcd_ds KD + FCD, {name[fused]} (default)": ["--fcd_weight", "1"]}
 
@@ -212,8 +218,13 @@ def run_loss_check(opts, out: str) -> dict:
     return {"values": values, "positions": [int(shifted.sum()), int(mask.sum())]}
 
 
-def run_trl(opts, out: str) -> dict:
-    """Train with TRL's GKDTrainer (lmbda 0, beta 0) under the DeepSpeed JSON; times, losses, memory."""
+def run_trl(opts, out: str, reuse_host_memory: bool = False) -> dict:
+    """Train with TRL's GKDTrainer (lmbda 0, beta 0) under the DeepSpeed JSON; times, losses, memory. With
+    ``reuse_host_memory``, glibc keeps freed host memory first, as fcd_ds's ``--host_memory_reuse`` does."""
+    if reuse_host_memory:
+        from fcd_ds.host_memory import reuse_freed_host_memory
+
+        reuse_freed_host_memory()
     import datasets
     import torch
     from transformers import TrainerCallback, set_seed
@@ -332,7 +343,7 @@ def child(opts) -> None:
     if opts._case == "loss_check":
         result = run_loss_check(opts, opts._out)
     elif opts._case == "trl":
-        result = run_trl(opts, opts._out)
+        result = run_trl(opts, opts._out, reuse_host_memory=opts._name == TRL_REUSE)
     else:
         result = run_fcd(opts, opts._out, extra)
     Path(opts._result).write_text(json.dumps(result))
@@ -358,16 +369,17 @@ def _speed(r: dict) -> tuple[float, float]:
     return step, statistics.median(r["timed_tokens"]) / step
 
 
-def _row(name: str, r: dict, peak_flops: float, trl: dict) -> str:
+def _row(name: str, r: dict, peak_flops: float, trl: dict, trl_reuse: dict) -> str:
     if "error" in r:
-        return f"| {name} | {r['error']} |" + " |" * 9
+        return f"| {name} | {r['error']} |" + " |" * 10
     step, tps = _speed(r)
     speed_ratio = f"{tps / _speed(trl)[1]:.2f}" if "timed" in trl else "—"
+    reuse_ratio = f"{tps / _speed(trl_reuse)[1]:.2f}" if "timed" in trl_reuse else "—"
     by_round = ", ".join(f"{a / b:.2f}" for a, b in zip(r["round_tps"], trl["round_tps"])) if "timed" in trl else "—"
     memory_ratio = f"{r['peak_gib'] / trl['peak_gib']:.2f}" if "peak_gib" in trl else "—"
     flops = r["flops_per_token"] * tps
     losses = f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f}" if r["losses"] else "—"
-    return (f"| {name} | {step:.3f} | {tps:.0f} | {speed_ratio} | {by_round} | {r['peak_gib']:.2f} | {memory_ratio} | "
+    return (f"| {name} | {step:.3f} | {tps:.0f} | {speed_ratio} | {reuse_ratio} | {by_round} | {r['peak_gib']:.2f} | {memory_ratio} | "
             f"{r['rss_setup_gib']:.2f} | {flops / 1e9:.1f} | {flops / peak_flops:.3f} | {losses} |")
 
 
@@ -410,10 +422,11 @@ def report(opts, results: dict, check: dict, peaks: list[float]) -> str:
         lines.append("")
     else:
         lines += [f"KD loss check: {check.get('error', 'not run')}", ""]
-    lines += ["| case | step s (median) | tokens/s | tokens/s vs TRL | the same, round by round | peak RSS in training (GiB) "
-              "| peak RSS vs TRL | RSS before training (GiB) | achieved GFLOP/s | fraction of measured matmul | KD loss, first / last step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [_row(name, r, peak_flops, trl) for name, r in results.items()]
+    lines += ["| case | step s (median) | tokens/s | tokens/s vs TRL | tokens/s vs TRL, host memory reused | vs TRL, round by round "
+              "| peak RSS in training (GiB) | peak RSS vs TRL | RSS before training (GiB) | achieved GFLOP/s | fraction of measured matmul "
+              "| KD loss, first / last step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row(name, r, peak_flops, trl, results.get(TRL_REUSE, {})) for name, r in results.items()]
     methods = sorted({r["method"] for r in results.values() if "method" in r})
     if methods and methods != ["VmHWM"]:
         lines.append(f"\nPeak memory method: {', '.join(methods)} (ru_maxrss: the whole process, set-up included).")
@@ -452,7 +465,7 @@ def main() -> None:
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(opts.rounds):  # order, reverse order, ...: a linear drift of the machine weighs alike on every case
         for name in names if i % 2 == 0 else names[::-1]:
-            rounds[name].append(run_case(opts, name, "trl" if name == TRL else "fcd"))
+            rounds[name].append(run_case(opts, name, "trl" if name in (TRL, TRL_REUSE) else "fcd"))
     peaks.append(measure_matmul_tflops() * 1e12)
     results = {name: pool_rounds(rounds[name], opts.warmup) for name in names}
     table = report(opts, results, check, peaks)

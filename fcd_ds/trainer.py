@@ -112,8 +112,9 @@ def _prefixed(prefix: str, metrics: dict, suffix: str = "") -> dict:
 
 
 def setup(plan) -> Job:
-    """Start the process group, tokenise the data (rank 0 first), build the engines, then resume from
-    the latest checkpoint or measure the starting point, and only then write to the output folder.
+    """Set host memory reuse (``--host_memory_reuse``, :mod:`fcd_ds.host_memory`), start the process group,
+    tokenise the data (rank 0 first), build the engines, then resume from the latest checkpoint or measure
+    the starting point, and only then write to the output folder.
     SIGTERM and SIGUSR1 are caught from here on (:class:`~fcd_ds.preemption.StopFlag`).
 
     Raises:
@@ -124,6 +125,7 @@ def setup(plan) -> Job:
     """
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
     from transformers import set_seed
 
     from .build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
@@ -131,9 +133,13 @@ def setup(plan) -> Job:
     from .data import MicroBatches, eval_batches
     from .distributed import main_process_first, release_deepspeed_shm_buffer
     from .engine import DistillEngine
+    from .host_memory import resolve_host_memory_reuse, reuse_freed_host_memory
     from .metrics import MetricLogger, transformer_flops_per_token
 
     stop = StopFlag().install()
+    reuse, reuse_why = resolve_host_memory_reuse(plan.train_args.host_memory_reuse, get_accelerator().device_name())
+    if reuse:  # before the data and the engines are built
+        reuse_freed_host_memory()
     deepspeed.init_distributed()
     release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -197,7 +203,7 @@ def setup(plan) -> Job:
     if rank == 0:
         print(f"fcd_ds: {world} rank(s) x {threads} torch thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
               f"measured matmul {matmul * 1e3:.1f} GFLOP/s per rank with every rank measuring at once; "
-              f"{flops / 1e9:.2f} GFLOP per token of a step", flush=True)
+              f"{flops / 1e9:.2f} GFLOP per token of a step; host memory reuse {reuse_why}", flush=True)
     return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger, stop,
                saved_step=state.step if t.resume else 0, threads=threads, matmul_tflops=matmul)
 

@@ -59,6 +59,7 @@ CASES = {
     "NaN weight": (["--fcd_weight", "nan"], "--fcd_weight: must be a finite number, got nan"),
     "infinite learning rate": (["--learning_rate", "inf"], "--learning_rate: must be a finite number, got inf"),
     "stack pairs value": (["--fcd_stack_pairs", "yes"], "--fcd_stack_pairs: must be one of ('auto', 'true', 'false'), got 'yes'"),
+    "host memory reuse value": (["--host_memory_reuse", "on"], "--host_memory_reuse: must be one of ('auto', 'true', 'false'), got 'on'"),
 }
 
 

@@ -16,6 +16,7 @@ def test_default_run_on_the_real_teacher(tmp_path):
     out = tmp_path / "default"
     result = run_launcher(["--max_steps", 2, "--max_eval_samples", 16, "--output_dir", out], timeout=900)
     assert_ok(result)
+    assert "host memory reuse on (" in result.stdout  # --host_memory_reuse auto on a CPU: on, and said at start-up
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["world_size"] == 2
     assert 5 < metrics["teacher_eval_perplexity"] < 100  # a real pretrained LM on English news
