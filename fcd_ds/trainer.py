@@ -133,13 +133,11 @@ def setup(plan) -> Job:
     from .data import MicroBatches, eval_batches
     from .distributed import main_process_first, release_deepspeed_shm_buffer
     from .engine import DistillEngine
-    from .host_memory import resolve_host_memory_reuse, reuse_freed_host_memory
+    from .host_memory import apply_host_memory_reuse
     from .metrics import MetricLogger, transformer_flops_per_token
 
     stop = StopFlag().install()
-    reuse, reuse_why = resolve_host_memory_reuse(plan.train_args.host_memory_reuse, get_accelerator().device_name())
-    if reuse:  # before the data and the engines are built
-        reuse_freed_host_memory()
+    host_memory = apply_host_memory_reuse(plan.train_args.host_memory_reuse, get_accelerator().device_name())  # before any data or engine
     deepspeed.init_distributed()
     release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -203,7 +201,7 @@ def setup(plan) -> Job:
     if rank == 0:
         print(f"fcd_ds: {world} rank(s) x {threads} torch thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
               f"measured matmul {matmul * 1e3:.1f} GFLOP/s per rank with every rank measuring at once; "
-              f"{flops / 1e9:.2f} GFLOP per token of a step; host memory reuse {reuse_why}", flush=True)
+              f"{flops / 1e9:.2f} GFLOP per token of a step; host memory reuse {host_memory}", flush=True)
     return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger, stop,
                saved_step=state.step if t.resume else 0, threads=threads, matmul_tflops=matmul)
 

@@ -70,3 +70,22 @@ def test_auto_follows_the_device_and_leaves_user_allocator_settings_alone(settin
 def test_unknown_setting_names_the_flag():
     with pytest.raises(UsageError, match=r"^--host_memory_reuse: must be one of \('auto', 'true', 'false'\), got 'yes'$"):
         resolve_host_memory_reuse("yes", "cpu", {})
+
+
+class _RefusingGlibc:
+    """A glibc whose mallopt refuses every value (as releases that capped the mmap threshold at 32 MiB did)."""
+
+    @staticmethod
+    def mallopt(option, value):
+        return 0
+
+
+def test_a_refusing_glibc_leaves_auto_off_and_fails_true(monkeypatch):
+    from fcd_ds import host_memory
+
+    monkeypatch.setattr(host_memory, "glibc", lambda: _RefusingGlibc())
+    why = host_memory.apply_host_memory_reuse("auto", "cpu", {})
+    assert why.startswith("off (auto: glibc's mallopt refused option -3")
+    with pytest.raises(UsageError, match=r"^--host_memory_reuse true: glibc's mallopt refused option -3 = 1073741824; pass auto or false$"):
+        host_memory.apply_host_memory_reuse("true", "cpu", {})
+    assert host_memory.apply_host_memory_reuse("false", "cpu", {}) == "off (--host_memory_reuse false)"
