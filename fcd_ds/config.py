@@ -128,8 +128,9 @@ class DataArguments:
 
 
 LOSS_TERMS = ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")
-FCD_STACK_PAIRS = {"auto": None, "true": True, "false": False}  # --fcd_stack_pairs -> fcd_pair_terms(stack=...)
 """Loss terms ``--loss`` can combine: the task loss and five distillation methods (see :class:`DistillArguments`)."""
+
+FCD_STACK_PAIRS = {"auto": None, "true": True, "false": False}  # --fcd_stack_pairs -> fcd_pair_terms(stack=...)
 
 # Used when --loss is not given: the task loss plus FCD, each other term off unless its weight is given.
 _DEFAULT_WEIGHTS = {"ce": 1.0, "fcd": 1.0, "kd": 0.0, "hidden_mse": 0.0, "minilm": 0.0, "dist": 0.0}
