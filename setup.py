@@ -25,6 +25,7 @@ setup(
         "tensorboard>=2.14",
         "sentencepiece>=0.2",
         "tqdm>=4.66",
+        "torchdata>=0.8",  # StatefulDataLoader: exact resume of streamed data with DataLoader workers
         "numpy>=1.24",
         "scikit-learn>=1.3",
         "scipy>=1.10",
@@ -36,5 +37,5 @@ setup(
         # benchmarks/ only (quality.py's chart; vs_trl.py's peer, TRL's GKDTrainer); never needed or imported by the library.
         "bench": ["matplotlib>=3.7", "trl==1.16.0"],
     },
-    entry_points={"console_scripts": ["fcd-ds-prepare-assets=fcd_ds.assets:main"]},
+    entry_points={"console_scripts": ["fcd-ds-prepare-assets=fcd_ds.assets:main", "fcd-ds-prepare-data=fcd_ds.data.prepare:main"]},
 )

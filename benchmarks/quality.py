@@ -92,7 +92,8 @@ def tasks(args, root: Path) -> list[Task]:
     for name in args.tasks:
         if name == "austen":
             train, valid = austen_files(root / "austen" / "data")
-            flags = ["--train_file", train, "--validation_file", valid, "--max_seq_length", 64, "--per_device_train_batch_size", 2,
+            flags = ["--train_file", train, "--validation_file", valid, "--sample_by", "paragraph",  # hard-wrapped prose: a document per paragraph
+                     "--max_seq_length", 64, "--per_device_train_batch_size", 2,
                      "--max_eval_samples", args.austen_eval_blocks, "--per_device_eval_batch_size", 8]
             out.append(Task(name, "distill_gpt", "perplexity", False, flags))
             continue

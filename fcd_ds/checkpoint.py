@@ -38,6 +38,7 @@ __all__ = [
     "checkpoint_steps",
     "save_checkpoint",
     "load_checkpoint",
+    "load_rank_state",
     "export_student",
     "check_resume_layout",
     "comparable_run_config",
@@ -179,9 +180,12 @@ def read_trainer_state(output_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, save_total_limit: int = 0) -> None:
+def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, save_total_limit: int = 0,
+                    rank_state: dict | None = None) -> None:
     """``engine.save_checkpoint`` of step ``step`` plus this rank's RNG states (``rng_state_rank{r}.pt``,
-    as transformers' Trainer keeps ``rng_state_{r}.pth``; DeepSpeed writes ``client_state`` from rank 0).
+    as transformers' Trainer keeps ``rng_state_{r}.pth``; DeepSpeed writes ``client_state`` from rank 0)
+    and ``rank_state`` (this rank's data position, e.g. a stream's ``state_dict``) as
+    ``data_state_rank{r}.json``.
 
     Atomic: every rank writes into ``checkpoints/global_step{step}.tmp``; once all have finished (a
     barrier), rank 0 renames it to ``global_step{step}`` and then replaces ``latest`` (written to
@@ -200,6 +204,8 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     dist.barrier()
     engine.save_checkpoint(str(ckpt), tag=tmp.name, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    if rank_state is not None:
+        (tmp / f"data_state_rank{rank}.json").write_text(json.dumps(rank_state), encoding="utf-8")
     if rank == 0:
         (tmp / TRAINER_STATE).write_text(json.dumps(client_state, indent=2))
     dist.barrier()
@@ -216,12 +222,20 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     dist.barrier()
 
 
-def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...]) -> dict:
+def load_rank_state(output_dir: str | Path, rank: int) -> dict | None:
+    """This rank's ``data_state_rank{r}.json`` of the latest checkpoint, or None (a checkpoint from before it was saved)."""
+    tag = latest_tag(output_dir)
+    path = Path(output_dir) / "checkpoints" / str(tag) / f"data_state_rank{rank}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if tag is not None and path.is_file() else None
+
+
+def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """Load the latest checkpoint into ``engine`` (module, optimizer, scheduler) and restore this rank's
     RNG states. Collective.
 
     Args:
         keys: the ``client_state`` keys to return (DeepSpeed adds its own metadata keys beside them).
+        optional: those of ``keys`` that an older checkpoint may lack (left out of the result then).
 
     Returns:
         The saved ``client_state`` restricted to ``keys``.
@@ -239,10 +253,10 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...]) -> di
     rng = ckpt / tag / f"rng_state_rank{dist.get_rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    missing = [k for k in keys if k not in client_state]
+    missing = [k for k in keys if k not in client_state and k not in optional]
     if missing:
         raise RuntimeError(f"checkpoint {ckpt / tag} lacks {missing}; it was not written by fcd_ds")
-    return {k: client_state[k] for k in keys}
+    return {k: client_state[k] for k in keys if k in client_state}
 
 
 # Flags that say how to start, not what the run is: they may differ between attempts of one run.

@@ -17,6 +17,7 @@ __all__ = [
     "ModelArguments",
     "FinetuneModelArguments",
     "DataArguments",
+    "SAMPLE_BY",
     "DistillArguments",
     "LOSS_TERMS",
     "FCD_STACK_PAIRS",
@@ -86,26 +87,45 @@ class FinetuneModelArguments:
         return ModelArguments(teacher=None, student=self.model_name_or_path, gradient_checkpointing=self.gradient_checkpointing)
 
 
+SAMPLE_BY = ("line", "paragraph", "document")  # datasets' text builder: what one row (document) of a .txt file is
+
+
 @dataclass
 class DataArguments:
-    """Task and data. Text tasks (causal_lm, masked_lm) read plain text (``datasets.load_dataset('text')``)
-    cut into blocks of max_seq_length tokens; sequence_classification reads csv / tsv / json / jsonl
-    (or a hub dataset) with text, pair and label columns, as transformers' run_glue.py."""
+    """Task and data (README "Data"). Every task reads .txt, .json/.jsonl, .csv/.tsv, .parquet (several
+    files or a glob), a ``save_to_disk`` folder, or ``--dataset_name``; text tasks turn rows into documents
+    (text, chat ``messages`` or ``prompt``/``completion``) packed into blocks of max_seq_length tokens
+    (:mod:`fcd_ds.data`); sequence_classification reads text, pair and label columns, as run_glue.py."""
 
     task: str = field(default="causal_lm", metadata={"help": f"One of {TASK_NAMES}; the launcher sets its default."})
-    train_file: str | None = field(default=None, metadata={"help": "Training data: .txt for text tasks; .csv/.tsv/.json/.jsonl for classification. Default: the launcher's embedded data."})
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out data, same format. Default: a validation_split_percentage slice of the train file."})
-    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of train blocks (or rows) held out when no validation_file is given."})
-    max_seq_length: int = field(default=128, metadata={"help": "Tokens per sequence (<= the models' positions); classification pads and truncates to it."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: a .txt, .json/.jsonl, .csv/.tsv or .parquet file (optionally .gz/.bz2/.xz/.zst), files joined by commas, a glob ('shards/*.parquet'), or a datasets save_to_disk folder. Default: the launcher's embedded data."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out data, same forms. Default: a validation_split_percentage slice of the training data."})
+    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of train blocks (or rows) held out when no validation data is given."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset or a local dataset folder, read by datasets.load_dataset (a save_to_disk folder by load_from_disk); needs a hub connection for hub names."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The --dataset_name configuration (default: --task_name for GLUE)."})
+    train_split: str = field(default="train", metadata={"help": "Split of --dataset_name (or of a DatasetDict folder) to train on."})
+    validation_split: str = field(default="validation", metadata={"help": "Held-out split of --dataset_name or a DatasetDict folder (absent: held out from train); GLUE's mnli defaults to validation_matched."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per sequence (<= the models' positions): text tasks' block length; classification pads and truncates to it."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out blocks or rows used for the metrics (0 = all)."})
-    text_column: str | None = field(default=None, metadata={"help": "Classification: column of the (first) sentence (default 'text', or the GLUE task's)."})
+    text_column: str | None = field(default=None, metadata={"help": "Column of the text (classification: of the first sentence). Default: 'text', else the only string column; text tasks read a 'messages' or 'prompt'/'completion' column instead when there is one."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Classification: column of the second sentence of a pair (e.g. 'hypothesis')."})
     label_column: str = field(default="label", metadata={"help": "Classification: label column; strings/integers are classes, non-integer floats regression."})
     task_name: str | None = field(default=None, metadata={"help": "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): its columns and metrics."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (e.g. nyu-mll/glue) loaded with --task_name as its config; needs a hub connection."})
+    sample_by: str = field(default="line", metadata={"help": f"A .txt file's documents: one per {' / '.join(SAMPLE_BY)} (datasets' text builder; 'paragraph' = blank-line separated)."})
+    encoding: str = field(default="utf-8", metadata={"help": "Encoding of .txt, .json and .csv files (Python codec name); a byte it cannot decode is an error naming the file and offset."})
+    packing: bool = field(default=True, metadata={"help": "Text tasks: pack documents into full blocks of max_seq_length (run_clm's group_texts); false: one document per sequence, truncated and padded."})
+    per_document_attention: bool = field(default=False, metadata={"help": "Causal LM with packing: position ids restart at each document and attention stays within it (transformers' packed-sequence masks: eager, sdpa, flash_attention_2); the target of each document's first token is not counted."})
+    chat_template_path: str | None = field(default=None, metadata={"help": "Jinja chat template (or a JSON file with 'chat_template') for 'messages' rows, instead of the teacher tokenizer's own (TRL SFT's flag)."})
+    assistant_only_loss: bool = field(default=False, metadata={"help": "Causal LM on 'messages' or 'prompt'/'completion' rows: the task loss and logit KD read only the assistant's (completion's) tokens (TRL's name). FCD relations read every token."})
+    dataset_prepared_path: str | None = field(default=None, metadata={"help": "Folder of tokenised, packed blocks (fcd-ds-prepare-data; axolotl's name), memory-mapped by every rank. Missing: prepared there first from the data flags (or the default corpus)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenise raw data (datasets' map num_proc; run_clm's name). Default: one."})
+    preprocess_on_each_node: bool = field(default=True, metadata={"help": "Raw data is tokenised by local rank 0 of every node (its own datasets cache); false: by global rank 0 alone, for a datasets cache (HF_DATASETS_CACHE) on a file system all nodes share."})
+    streaming: bool = field(default=False, metadata={"help": "Text tasks: read the training files lazily (datasets IterableDataset: .txt, .jsonl, .csv, .parquet), tokenise and pack on the fly, each rank its own share; for corpora larger than memory. Needs held-out data."})
     mlm_probability: float = field(default=0.15, metadata={"help": "masked_lm with an MLM head: fraction of tokens masked (BERT: 0.15)."})
 
     def __post_init__(self):
+        import codecs
+
         _finite(self)
         from .task_metrics import GLUE_TASK_KEYS
 
@@ -113,6 +133,7 @@ class DataArguments:
             raise UsageError(f"--task: must be one of {TASK_NAMES}, got {self.task!r}")
         _positive("max_seq_length", self.max_seq_length)
         _positive("max_eval_samples", self.max_eval_samples, allow_zero=True)
+        _positive("preprocessing_num_workers", self.preprocessing_num_workers)
         if not 0 < self.validation_split_percentage < 100:
             raise UsageError(f"--validation_split_percentage: must be in 1..99, got {self.validation_split_percentage}")
         if self.max_seq_length < 3:
@@ -121,10 +142,25 @@ class DataArguments:
             raise UsageError(f"--mlm_probability: must be in (0, 1), got {self.mlm_probability}")
         if self.task_name is not None and self.task_name not in GLUE_TASK_KEYS:
             raise UsageError(f"--task_name: {self.task_name!r} is not a GLUE task; use one of {', '.join(GLUE_TASK_KEYS)} or omit it")
+        if self.sample_by not in SAMPLE_BY:
+            raise UsageError(f"--sample_by: must be one of {SAMPLE_BY}, got {self.sample_by!r}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise UsageError(f"--encoding: {self.encoding!r} is not a Python codec; use e.g. utf-8, latin-1 or cp1252") from None
         if self.dataset_name is not None and self.train_file is not None:
             raise UsageError("--dataset_name and --train_file both choose the data; pass one")
-        if self.dataset_name is not None and self.task != "sequence_classification":
-            raise UsageError("--dataset_name: hub datasets are read for --task sequence_classification only; pass --train_file")
+        text = self.task != "sequence_classification"
+        if self.streaming and not text:
+            raise UsageError("--streaming: classification reads its labels whole (the label set comes from the data); drop --streaming")
+        if self.streaming and self.dataset_prepared_path is not None:
+            raise UsageError("--streaming and --dataset_prepared_path: a prepared folder is already memory-mapped; pass one of them")
+        causal = self.task == "causal_lm"
+        for flag in ("per_document_attention", "assistant_only_loss", "chat_template_path"):
+            if getattr(self, flag) and not causal:
+                raise UsageError(f"--{flag}: only for --task causal_lm (decoders); drop it")
+        if self.per_document_attention and not self.packing:
+            raise UsageError("--per_document_attention: with --packing false each sequence already holds one document; drop one of them")
 
 
 LOSS_TERMS = ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")
@@ -274,17 +310,24 @@ class TrainArguments:
     eval_steps: int = field(default=0, metadata={"help": "Also evaluate the student every N steps (0: only at the end); logged as eval/* with the training seconds so far."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16 dense)."})
     host_memory_reuse: str = field(default="auto", metadata={"help": "Keep freed host memory in glibc's heap for the next step instead of mapping it afresh (fcd_ds.host_memory; same values, fewer page faults): 'true', 'false', or 'auto' = on when training on CPUs unless LD_PRELOAD, GLIBC_TUNABLES or MALLOC_*_ already set the allocator."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank that read, tokenise (streaming) and collate batches ahead of the step (HF's name); 0: in the training process."})
+    dataloader_prefetch_factor: int | None = field(default=None, metadata={"help": "Batches each DataLoader worker prepares ahead (HF's name; torch's default 2 with workers)."})
+    ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a collective (a barrier while another rank tokenises, say) may wait before the process group gives up (HF's name and default)."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
     def __post_init__(self):
         _finite(self)
-        for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "peak_tflops"):
+        for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "peak_tflops",
+                     "dataloader_prefetch_factor", "ddp_timeout"):
             _positive(name, getattr(self, name))
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise UsageError(f"--warmup_steps: must be >= 1 (DeepSpeed's warm-up schedulers need a step; 1 is no warm-up), got {self.warmup_steps}")
         _positive("save_steps", self.save_steps, allow_zero=True)
         _positive("save_total_limit", self.save_total_limit, allow_zero=True)
         _positive("eval_steps", self.eval_steps, allow_zero=True)
+        _positive("dataloader_num_workers", self.dataloader_num_workers, allow_zero=True)
+        if self.dataloader_prefetch_factor is not None and not self.dataloader_num_workers:
+            raise UsageError("--dataloader_prefetch_factor: needs --dataloader_num_workers > 0 (torch's rule); add workers or drop it")
         check_host_memory_reuse(self.host_memory_reuse)
         starts = [f"--{name}" for name in ("resume", "auto_resume", "overwrite_output_dir") if getattr(self, name)]
         if len(starts) > 1:

@@ -23,12 +23,18 @@ def default_bert_teacher() -> Path:
     return assets_home() / BERT_TEACHER_RUN / "model"
 
 
-def _text_data(data_args) -> None:
-    if data_args.train_file is None:
+def _text_data(data_args, documents: bool = False) -> None:
+    """The default corpus where no data flag is given (and no existing prepared folder is the data): BBC
+    News, one article per document (JSON lines) for decoders, or the plain-text file for encoders."""
+    if data_args.train_file is None and data_args.dataset_name is None:
         if data_args.validation_file is not None:
             raise UsageError("--validation_file: given without --train_file; pass both, or neither for the default corpus")
+        prepared = data_args.dataset_prepared_path
+        if prepared is not None and Path(prepared).exists():
+            return  # the prepared folder is the data (its own metadata says what it was made from)
         assets = prepare_default_assets()
-        data_args.train_file, data_args.validation_file = str(assets.train_file), str(assets.validation_file)
+        train, valid = (assets.train_documents, assets.validation_documents) if documents else (assets.train_file, assets.validation_file)
+        data_args.train_file, data_args.validation_file = str(train), str(valid)
 
 
 def _rotten_tomatoes(data_args) -> None:
@@ -45,7 +51,7 @@ def _rotten_tomatoes(data_args) -> None:
 def _gpt(model_args, data_args) -> None:
     if model_args.teacher is None:
         model_args.teacher = str(prepare_default_assets().teacher)
-    _text_data(data_args)
+    _text_data(data_args, documents=True)
 
 
 def _bert(model_args, data_args) -> None:

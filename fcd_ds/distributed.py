@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "is_main_process", "main_process_first", "all_reduce_host", "all_gather_with_grad", "all_gather_no_grad",
+__all__ = ["rank", "world_size", "local_rank", "is_main_process", "main_process_first", "all_reduce_host", "all_gather_with_grad", "all_gather_no_grad",
            "release_deepspeed_shm_buffer"]
 
 
@@ -71,17 +71,26 @@ def all_reduce_host(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return y.cpu()
 
 
+def local_rank() -> int:
+    """This process's rank on its node: ``$LOCAL_RANK`` (set by the deepspeed launcher and the sbatch
+    template), 0 when unset."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @contextmanager
-def main_process_first():
-    """Rank 0 runs the block first, the others after it (so they reuse its ``datasets`` cache), as
-    transformers' ``TrainingArguments.main_process_first``. No-op without a process group."""
+def main_process_first(local: bool = False):
+    """Rank 0 (with ``local``: local rank 0 of every node) runs the block first, the others after it (so
+    they reuse its ``datasets`` cache), as transformers' ``TrainingArguments.main_process_first``. The
+    wait is a barrier: the process group's timeout (``--ddp_timeout``) bounds it. No-op without a
+    process group."""
     active = dist.is_initialized() and dist.get_world_size() > 1
-    if active and not is_main_process():
+    first = local_rank() == 0 if local else is_main_process()
+    if active and not first:
         dist.barrier()
     try:
         yield
     finally:
-        if active and is_main_process():
+        if active and first:
             dist.barrier()
 
 

@@ -146,7 +146,7 @@ class DistillEngine:
         fused = nullcontext([])
         if self.fused_head is not None:  # the head returns the weighted CE + KD loss instead of logits
             t_hidden = teacher.outputs.logits if w["kd"] else None  # (B, N, C_t): the teacher's head was an identity
-            fused = self.fused_head.student_loss(batch["input_ids"], mask, t_hidden)
+            fused = self.fused_head.student_loss(batch["input_ids"], self.task.ce_mask(batch), t_hidden, kd_mask=self.task.kd_mask(batch))
         with _recording(self.student_capture, self.student_attention), fused as fused_out:
             outputs = self.student(**self.task.model_inputs(batch, logits=self.student_logits))
         feats = self.student_capture.features if self.student_capture is not None else {}
@@ -222,7 +222,8 @@ class DistillEngine:
         Returns:
             Mean of every loss term over the micro-batches, plus seconds spent in ``time/teacher_forward``,
             ``time/student_forward_backward`` and ``time/optimizer_step`` (accelerator-synchronised),
-            and ``tokens`` (this rank's real tokens in the step, from the attention masks).
+            ``tokens`` (this rank's real tokens in the step, from the attention masks) and ``loss_tokens``
+            (the targets the task loss read, :meth:`~fcd_ds.tasks.Task.loss_tokens`).
         """
         gas = self.student.gradient_accumulation_steps()
         sums: dict[str, float] = defaultdict(float)
@@ -248,6 +249,7 @@ class DistillEngine:
             sums["time/student_forward_backward"] += t2 - t1
             sums["time/optimizer_step"] += t3 - t2
             sums["tokens"] += batch["attention_mask"].sum().item()
+            sums["loss_tokens"] += self.task.loss_tokens(batch)
         return dict(sums)
 
     @torch.no_grad()

@@ -88,12 +88,14 @@ class FusedLogitHead:
             yield
 
     @contextmanager
-    def student_loss(self, input_ids: torch.Tensor, mask: torch.Tensor, teacher_hidden: torch.Tensor | None):
+    def student_loss(self, input_ids: torch.Tensor, mask: torch.Tensor, teacher_hidden: torch.Tensor | None,
+                     kd_mask: torch.Tensor | None = None):
         """While active, the student's head forward returns the weighted loss (0-dim) instead of logits.
 
         Args:
             input_ids: (B, N) the batch's token ids (CE targets, shifted by one inside).
-            mask: (B, N), 1 = real token.
+            mask: (B, N), 1 = a counted CE target (a real token; with a loss mask, one the loss reads).
+            kd_mask: (B, N) positions KD reads (default ``mask``: every attended position).
             teacher_hidden: (B, N, C_t) from a teacher forward under :meth:`teacher_hidden`, or None
                 without KD.
 
@@ -114,7 +116,7 @@ class FusedLogitHead:
             with gather, record_function("loss/fused_logits"):
                 out: FusedLogitLosses = fused_linear_ce_kd(
                     hidden, head.weight, teacher_hidden, t_head.weight if t_head is not None else None,
-                    input_ids, mask, temperature=self.temperature, ce_weight=self.ce_weight, kd_weight=self.kd_weight,
+                    input_ids, mask, temperature=self.temperature, ce_weight=self.ce_weight, kd_weight=self.kd_weight, kd_mask=kd_mask,
                     student_bias=head.bias, teacher_bias=t_head.bias if t_head is not None else None,
                     chunk_size=self.chunk_size)
             result.append(out)

@@ -42,7 +42,15 @@ def model_card(plan, metrics: dict, world_size: int) -> str:
         terms.append(f"{a.minilm_weight} x MiniLMv2 attention relations ({a.minilm_relation_heads} relation heads, map `{a.minilm_layer_map}`)")
     if a.dist_weight:
         terms.append(f"{a.dist_weight} x DIST (T = {a.dist_temperature})")
-    data = d.dataset_name and f"{d.dataset_name} / {d.task_name}" or f"`{d.train_file}` (held out: `{d.validation_file or f'last {d.validation_split_percentage} %'}`)"
+    held_out = d.validation_file or f"last {d.validation_split_percentage} %"
+    if d.dataset_name:
+        data = f"`{d.dataset_name}`" + (f" / {d.dataset_config_name or d.task_name}" if (d.dataset_config_name or d.task_name) else "")
+    elif d.train_file:
+        data = f"`{d.train_file}` (held out: `{held_out}`)"
+    else:
+        data = f"prepared blocks `{d.dataset_prepared_path}`"
+    if getattr(d, "assistant_only_loss", False):
+        data += ", loss on the assistant's tokens"
     rows = [
         ("task", f"`{task.name}`" + (f" ({', '.join(task.labels.names) or 'regression'})" if hasattr(task, "labels") else "")),
         ("model", f"{cfg.model_type}, {cfg.num_hidden_layers} blocks x {cfg.hidden_size}; {source}"),

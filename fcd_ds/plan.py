@@ -1,14 +1,15 @@
 """Check every input of a run before any work: files, DeepSpeed JSON, output directory, configs,
-tokenizers, labels, layer map, sequence length. Only configs, tokenizers and (for classification) the
-label column are read (seconds); each problem raises one :class:`~fcd_ds.errors.UsageError` naming the
-flag and the fix."""
+tokenizers, data (files, columns, the first row of each split, chat template, a prepared folder's
+settings), labels, layer map, sequence length. Only configs, tokenizers, first rows and (for
+classification) the label column are read (seconds); each problem raises one
+:class:`~fcd_ds.errors.UsageError` naming the flag and the fix."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from .checkpoint import auto_resume_action, check_output_dir, check_resume_layout, read_trainer_state
-from .data import check_data_files
+from .data import TextCorpus
 from .distributed import world_size
 from .ds_config import load_ds_config, resolve_ds_config
 from .errors import UsageError
@@ -68,11 +69,14 @@ def _student_config(model_args, teacher_config):
     return pruned_student_config(teacher_config, model_args.student_num_layers)
 
 
-def _build_task(data_args, tokenizer, head_config):
+def _build_task(data_args, tokenizer, head_config, seed: int):
     if data_args.task == "causal_lm":
-        return CausalLMTask()
+        pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        return CausalLMTask(TextCorpus(tokenizer, data_args, "causal_lm"), pad_id=pad, max_seq_length=data_args.max_seq_length,
+                            per_document_attention=data_args.per_document_attention)
     if data_args.task == "masked_lm":
-        return MaskedLMTask(tokenizer, mlm=has_mlm_head(head_config), mlm_probability=data_args.mlm_probability)
+        return MaskedLMTask(tokenizer, mlm=has_mlm_head(head_config), mlm_probability=data_args.mlm_probability,
+                            corpus=TextCorpus(tokenizer, data_args, "masked_lm"), max_seq_length=data_args.max_seq_length, seed=seed)
     raw = load_raw(data_args)
     return SequenceClassificationTask(raw, read_label_spec(raw, data_args), data_args)
 
@@ -152,8 +156,6 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         UsageError: the first problem found.
     """
     launcher.fill(model_args, data_args)
-    if data_args.train_file is not None:
-        check_data_files(data_args.train_file, data_args.validation_file)
     ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args, launcher.micro_batch)
     check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir,
                      auto_resume=train_args.auto_resume)
@@ -164,7 +166,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
     if teacher is not None and model_args.student is None and model_args.student_config is None and model_args.student_num_layers is None:
         model_args.student_num_layers = max(1, round(teacher_config.num_hidden_layers * launcher.student_depth))
     student_config = _student_config(model_args, teacher_config)
-    task = _build_task(data_args, tokenizer, teacher_config if teacher is not None else student_config)
+    task = _build_task(data_args, tokenizer, teacher_config if teacher is not None else student_config, train_args.seed)
     if teacher is None:
         if isinstance(task, MaskedLMTask) and not task.mlm:
             raise UsageError(f"--model_name_or_path: {model_args.student} has no MLM head, so --task masked_lm has no loss to fine-tune on")

@@ -51,6 +51,7 @@ class TrainState:
     data_position: int = 0
     train_seconds: float = 0.0
     train_tokens: float = 0.0
+    train_loss_tokens: float = 0.0  # targets the task loss read (assistant tokens with --assistant_only_loss)
     data_layout: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     log_rows: int = 0  # train_log.jsonl rows written up to this state (rank 0): a resume drops later ones
@@ -65,7 +66,7 @@ class Job:
     world: int
     out: Path
     distiller: object  # fcd_ds.engine.DistillEngine
-    micro_batches: object  # fcd_ds.data.MicroBatches
+    micro_batches: object  # fcd_ds.data.MicroBatches, or StreamingMicroBatches with --streaming
     eval_set: list
     state: TrainState
     flops_per_token: float
@@ -123,14 +124,16 @@ def setup(plan) -> Job:
             with :func:`finish`.
         Preempted: a stop signal arrived during the start-up or the initial evaluation (nothing saved).
     """
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
     from transformers import set_seed
 
     from .build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
-    from .checkpoint import check_resume_layout, clear_run_files, latest_tag, load_checkpoint
-    from .data import MicroBatches, eval_batches
+    from .checkpoint import check_resume_layout, clear_run_files, latest_tag, load_checkpoint, load_rank_state
+    from .data import eval_batches, make_micro_batches
     from .distributed import main_process_first, release_deepspeed_shm_buffer
     from .engine import DistillEngine
     from .host_memory import apply_host_memory_reuse
@@ -138,20 +141,26 @@ def setup(plan) -> Job:
 
     stop = StopFlag().install()
     host_memory = apply_host_memory_reuse(plan.train_args.host_memory_reuse, get_accelerator().device_name())  # before any data or engine
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=plan.train_args.ddp_timeout))  # HF's --ddp_timeout
     release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        import datasets
+
+        datasets.disable_progress_bars()  # rank 0 shows the tokenising and packing progress
     d, t, task = plan.data_args, plan.train_args, plan.task
     set_seed(t.seed)
     out = Path(t.output_dir)
 
-    # Data: rank 0 tokenises first, the others reuse its datasets cache.
-    with main_process_first():
-        train_set, valid_set = task.load_datasets(plan.tokenizer, d)
+    # Data: rank 0 (local rank 0 of each node with --preprocess_on_each_node) tokenises or prepares first,
+    # the others reuse its datasets cache or prepared folder; the barrier waits up to --ddp_timeout.
+    with main_process_first(local=d.preprocess_on_each_node):
+        train_set, valid_set = task.load_datasets(plan.tokenizer, d, rank=rank, world=world, seed=t.seed)
     micro_bs = plan.ds_config["train_micro_batch_size_per_gpu"]
     eval_set = eval_batches(valid_set, t.per_device_eval_batch_size, rank, world, d.max_eval_samples,
                             collate=partial(task.collate, train=False))
-    micro_batches = MicroBatches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True))
+    micro_batches = make_micro_batches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True),
+                                       t.dataloader_num_workers, t.dataloader_prefetch_factor)
     stop.check("startup")
 
     # Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is
@@ -168,10 +177,10 @@ def setup(plan) -> Job:
     if t.resume:
         if latest_tag(out) is None:  # seen by rank 0 at planning time, gone since, or not on this node
             raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'} on rank {rank}; drop --resume to start a new run")
-        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__))
+        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__), optional=("train_loss_tokens",))
         state = TrainState(**saved)
         check_resume_layout(state.data_layout, layout)
-        micro_batches.position = state.data_position
+        micro_batches.load_state_dict(load_rank_state(out, rank) or {"position": state.data_position})
     else:
         state = TrainState(data_layout=layout)
         if t.eval_on_start:
@@ -224,6 +233,15 @@ def _measure_compute(ds_config: dict) -> tuple[int, float]:
     return torch.get_num_threads(), mine.item() / dist.get_world_size()
 
 
+def _summed_over_ranks(*values: float) -> list[float]:
+    """Sum of each value over the ranks (one small all-reduce; the values themselves without a process group)."""
+    import torch
+
+    from .distributed import all_reduce_host
+
+    return all_reduce_host(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
 def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
     return job.flops_per_token * tokens / job.world / max(seconds, 1e-9) / 1e12
 
@@ -234,7 +252,8 @@ def _save(job: Job) -> None:
     state = job.state
     state.data_position = job.micro_batches.position
     state.log_rows = job.logger.rows
-    save_checkpoint(job.distiller.student, job.out, state.step, asdict(state), job.plan.train_args.save_total_limit)
+    save_checkpoint(job.distiller.student, job.out, state.step, asdict(state), job.plan.train_args.save_total_limit,
+                    rank_state=job.micro_batches.state_dict())
     job.saved_step = state.step
 
 
@@ -266,9 +285,10 @@ def train(job: Job) -> None:
             state.step += 1
             loss_terms = sorted(k for k in m if k.startswith("loss/"))
             signum, bad = job.stop.agree([not math.isfinite(m[k]) for k in loss_terms])
-            tokens = m.pop("tokens") * job.world
+            tokens, loss_tokens = _summed_over_ranks(m.pop("tokens"), m.pop("loss_tokens"))  # padding differs between ranks
             state.train_seconds += seconds
             state.train_tokens += tokens
+            state.train_loss_tokens += loss_tokens
             payload = {k if k.startswith("time/") else f"train/{k}": v for k, v in m.items()}  # loss terms, per-pair terms
             samples = job.plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world
             payload.update({
@@ -277,6 +297,8 @@ def train(job: Job) -> None:
                 "perf/tokens_per_second_per_device": tokens / seconds / job.world,
                 "perf/samples_per_second": samples / seconds,
                 "perf/step_seconds": seconds,
+                "train_tokens": state.train_tokens,  # so far, every rank: tokens the models read
+                "train_loss_tokens": state.train_loss_tokens,  # so far: targets the task loss read
                 "perf/tflops_per_device": _tflops_per_device(job, samples * seq, seconds),
                 "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
             })
@@ -302,6 +324,7 @@ def train(job: Job) -> None:
         raise
     finally:
         bar.close()
+        job.micro_batches.close()  # DataLoader workers are not needed after training
 
 
 def evaluate(job: Job) -> dict:
@@ -354,6 +377,7 @@ def save(job: Job, metrics: dict) -> dict:
     metrics = {**metrics,
                "steps": state.step,
                "train_tokens": state.train_tokens,
+               "train_loss_tokens": state.train_loss_tokens,
                "train_seconds": state.train_seconds,
                "train_tokens_per_second": state.train_tokens / max(state.train_seconds, 1e-9),
                "train_tflops_per_device": tflops,

@@ -107,10 +107,23 @@ def test_bbc_topics_files(prepared, tmp_path):
     assert len(valid) == math.ceil(2_225 / 20) == 112
     assert set(r["label"] for r in train) == set(r["label"] for r in valid) == {
         "business", "entertainment", "politics", "sports", "tech"}  # folder names (BBC calls it "sport")
-    # Held-out articles are the LM corpus's validation articles, in the same order.
-    assets_mod._prepare_corpus(tmp_path / "train.txt", tmp_path / "validation.txt")
+    # Held-out articles are the LM corpus's validation articles, in the same order, in each of its forms.
+    corpus = assets_mod.DefaultAssets(tmp_path / "teacher", tmp_path / "train.txt", tmp_path / "validation.txt",
+                                      tmp_path / "train.jsonl", tmp_path / "validation.jsonl", tmp_path / "chat" / "train.jsonl",
+                                      tmp_path / "chat" / "validation.jsonl")
+    assets_mod._prepare_corpus(corpus)
     assert (tmp_path / "validation.txt").read_text(encoding="utf-8") == "\n\n".join(r["text"] for r in valid) + "\n"
     assert (tmp_path / "train.txt").read_text(encoding="utf-8") == "\n\n".join(r["text"] for r in train) + "\n"
+    import json
+
+    documents = [json.loads(line) for line in corpus.validation_documents.read_text(encoding="utf-8").splitlines()]
+    assert [d["text"] for d in documents] == [r["text"] for r in valid]
+    assert all(d["title"] == d["text"].splitlines()[0] for d in documents)
+    chats = [json.loads(line)["messages"] for line in corpus.chat_validation.read_text(encoding="utf-8").splitlines()]
+    assert len(chats) == len(valid) and all([t["role"] for t in c] == ["user", "assistant"] for c in chats)
+    first = valid[0]["text"]
+    assert chats[0][0]["content"] == assets_mod.CHAT_REQUEST.format(title=first.splitlines()[0])
+    assert chats[0][1]["content"] == first.partition("\n")[2].strip() and len(chats[0][1]["content"]) > 200
 
 
 def test_csv_files_load_with_datasets(prepared, tmp_path):

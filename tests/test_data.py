@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 from datasets import Dataset
 
-from fcd_ds.data import _special_token_frame, eval_batches
+from fcd_ds.data import eval_batches, special_token_frame as _special_token_frame
 from fcd_ds.errors import UsageError
 from fcd_ds.tasks import CausalLMTask
 
@@ -17,7 +17,7 @@ def rows(n: int) -> Dataset:
 
 @pytest.mark.parametrize("n,batch,world", [(5, 2, 2), (8, 2, 2), (1, 4, 2), (7, 3, 1)])
 def test_eval_batches_pad_to_equal_rounds_and_mark_padding(n, batch, world):
-    collate = partial(CausalLMTask().collate, train=False)
+    collate = partial(CausalLMTask(max_seq_length=3).collate, train=False)
     per_rank = [eval_batches(rows(n), batch, r, world, collate=collate) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank (ZeRO-3)
     seen = [int(ids[0]) for batches in per_rank for b in batches for ids, real in zip(b["input_ids"], b["example_mask"]) if real]
@@ -26,7 +26,7 @@ def test_eval_batches_pad_to_equal_rounds_and_mark_padding(n, batch, world):
 
 
 def test_eval_batches_limit_and_empty():
-    collate = partial(CausalLMTask().collate, train=False)
+    collate = partial(CausalLMTask(max_seq_length=3).collate, train=False)
     (b,) = eval_batches(rows(10), 4, 0, 1, max_samples=3, collate=collate)
     assert b["example_mask"].tolist() == [1, 1, 1, 0]
     with pytest.raises(UsageError, match="--validation_file"):

@@ -29,13 +29,15 @@ def reloaded_eval_loss(student_dir: Path, corpus) -> float:
     """Eval loss of the exported student, recomputed in this process on the same held-out blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fcd_ds.data import load_blocks
+    from fcd_ds.config import DataArguments
+    from fcd_ds.data import TextCorpus
     from fcd_ds.losses import causal_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    _, valid = load_blocks(tokenizer, str(corpus["train"]), str(corpus["valid"]), 32)
-    ids = valid[:EVAL]["input_ids"]
+    data = DataArguments(train_file=str(corpus["train"]), validation_file=str(corpus["valid"]), max_seq_length=32)
+    _, valid = TextCorpus(tokenizer, data, "causal_lm").load()
+    ids = torch.tensor(valid[:EVAL]["input_ids"])
     mask = torch.ones_like(ids)
     with torch.no_grad():
         total = causal_lm_loss(model(ids).logits, ids, mask, reduction="sum")

@@ -210,11 +210,12 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: tor
 
 
 def _fused(name, hidden, weight, bias, teacher, input_ids, mask, *, ce_weight, kd_weight, temperature, chunk_size,
-           reduction="mean") -> FusedLogitLosses:
+           reduction="mean", kd_mask=None) -> FusedLogitLosses:
     """Checks, causal shift and masks; then the autograd Function (or the bare loop when no gradient is wanted)."""
     _check_head(name, hidden, weight, bias)
     b, n, _ = hidden.shape
-    if mask.shape != (b, n) or (input_ids is not None and input_ids.shape != (b, n)):
+    kd_mask = mask if kd_mask is None else kd_mask
+    if mask.shape != (b, n) or kd_mask.shape != (b, n) or (input_ids is not None and input_ids.shape != (b, n)):
         shape = None if input_ids is None else tuple(input_ids.shape)
         raise ValueError(f"{name}: hidden {tuple(hidden.shape)}, mask {tuple(mask.shape)}, input_ids {shape}: "
                          "expected (B, N, C), (B, N), (B, N)")
@@ -239,8 +240,8 @@ def _fused(name, hidden, weight, bias, teacher, input_ids, mask, *, ce_weight, k
         targets = F.pad(shifted, (0, 1), value=IGNORE).reshape(-1)  # (B*N,)
         if reduction == "mean":
             counts[0] = (targets != IGNORE).sum().clamp(min=1).to(acc)
-    if teacher is not None:  # KD on every attended position (logit_kd_loss)
-        keep = mask.bool().reshape(-1)  # (B*N,)
+    if teacher is not None:  # KD on the kd_mask positions (every attended position by default, as logit_kd_loss)
+        keep = kd_mask.bool().reshape(-1)  # (B*N,)
         counts[1] = keep.sum().clamp(min=1).to(acc)
     weights = (float(ce_weight), float(kd_weight))
     head = (hidden.reshape(b * n, -1), weight, bias)  # (B*N, C_s), (V, C_s), (V,)
@@ -343,6 +344,7 @@ def fused_linear_ce_kd(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kd_mask: torch.Tensor | None = None,
 ) -> FusedLogitLosses:
     """Next-token cross-entropy and logit KD in one chunk loop that computes each chunk's student logits
     once: ``loss = ce_weight * fused_linear_cross_entropy(...) + kd_weight * fused_linear_kd(...)``.
@@ -360,6 +362,9 @@ def fused_linear_ce_kd(
         :class:`FusedLogitLosses` ``(loss, ce, kd)``; ``loss`` carries the gradient, ``ce`` and ``kd``
         are the detached unweighted terms (nats, float32; float64 for float64 inputs).
 
+    ``kd_mask`` (B, N): the positions KD reads, when they are not ``mask``'s (assistant-only loss: the
+    positions whose next token is a counted target); ``mask`` then selects CE's targets alone.
+
     Raises:
         ValueError: a negative or both-zero weight, or as the two functions above.
     """
@@ -367,4 +372,5 @@ def fused_linear_ce_kd(
         raise ValueError(f"fused_linear_ce_kd: weights must be >= 0 and not both 0, got ce {ce_weight}, kd {kd_weight}")
     teacher = _Head(teacher_hidden, teacher_weight, teacher_bias) if kd_weight else None
     return _fused("fused_linear_ce_kd", student_hidden, student_weight, student_bias, teacher, input_ids if ce_weight else None,
-                  mask, ce_weight=float(ce_weight), kd_weight=float(kd_weight), temperature=temperature, chunk_size=chunk_size)
+                  mask, ce_weight=float(ce_weight), kd_weight=float(kd_weight), temperature=temperature, chunk_size=chunk_size,
+                  kd_mask=kd_mask)

@@ -50,11 +50,16 @@ class Task(Protocol):
     def config_updates(self) -> dict:
         """Attributes set on the student's (and export's) config, e.g. ``num_labels``, ``id2label``."""
 
-    def load_datasets(self, tokenizer, data_args) -> tuple[Any, Any]:
-        """``(train, validation)`` ``datasets.Dataset`` objects, torch-formatted, fixed length per row."""
+    def load_datasets(self, tokenizer, data_args, *, rank: int = 0, world: int = 1, seed: int = 0) -> tuple[Any, Any]:
+        """``(train, validation)``: map-style ``datasets.Dataset`` objects (or, streaming, a
+        :class:`~fcd_ds.data.StreamEpochs` for this rank and the held-out blocks)."""
 
-    def collate(self, rows: dict[str, torch.Tensor], *, train: bool) -> dict[str, torch.Tensor]:
-        """Rows ``dataset[indices]`` -> a model batch (adds masks, masking, labels)."""
+    def collate(self, rows: dict[str, list], *, train: bool) -> dict[str, torch.Tensor]:
+        """Rows ``dataset[indices]`` (a dict of column lists) -> a model batch (pads, adds masks, masking,
+        labels). Runs in DataLoader workers: any randomness is seeded from the rows themselves."""
+
+    def loss_tokens(self, batch: dict) -> int:
+        """Targets the task loss reads in the batch (tokens for language models, sequences for classifiers)."""
 
     def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
         """The keyword arguments of the model's forward; ``logits=False``: no loss reads the head's

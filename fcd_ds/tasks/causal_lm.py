@@ -1,4 +1,5 @@
-"""Causal LM: next-token cross-entropy on fixed-length text blocks, held-out perplexity."""
+"""Causal LM: next-token cross-entropy on text blocks (packed documents, or one padded document per
+sequence), held-out perplexity over the tokens the loss reads (the assistant's with ``--assistant_only_loss``)."""
 
 from __future__ import annotations
 
@@ -7,50 +8,96 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..data import load_blocks
+from ..data import pad_rows, position_ids_from_starts
 from ..losses import causal_lm_loss, logit_kd_loss
 
 __all__ = ["CausalLMTask"]
 
 
 class CausalLMTask:
-    """Decoder distillation on text (transformers' ``run_clm.py`` data). Batches:
-    ``input_ids`` (B, N), ``attention_mask`` (B, N), ``example_mask`` (B,) (eval padding rows are 0)."""
+    """Decoder distillation on text (transformers' ``run_clm.py`` data, TRL's chat forms).
+
+    Args:
+        corpus: the run's :class:`~fcd_ds.data.TextCorpus` (None for a task used on given batches).
+        pad_id: the padding token (``--packing false``). max_seq_length: N, every batch's width.
+        per_document_attention: position ids restart at every document start and no attention mask is
+            passed, so transformers attends within documents; the target that starts a document is not counted.
+
+    Batches: ``input_ids`` (B, N), ``attention_mask`` (B, N) (0 on padding), and where needed
+    ``loss_mask`` (B, N) (1 = this token is a target the loss reads: assistant tokens, not a document
+    start under per-document attention) and ``position_ids`` (B, N); at evaluation ``example_mask`` (B,).
+    """
 
     name = "causal_lm"
     auto_class = AutoModelForCausalLM
     metric_names = ("loss", "perplexity")
     vocab_head = True
-    fused_logit_loss = True  # CE on the shifted ids and KD on every attended position: fcd_ds.fused_head
+    fused_logit_loss = True  # CE on the shifted ids and KD inside the LM head: fcd_ds.fused_head
+
+    def __init__(self, corpus=None, *, pad_id: int = 0, max_seq_length: int = 128, per_document_attention: bool = False):
+        self.corpus, self.pad_id, self.max_seq_length = corpus, pad_id, max_seq_length
+        self.per_document_attention = per_document_attention
 
     def config_updates(self) -> dict:
         return {}
 
-    def load_datasets(self, tokenizer, data_args):
-        return load_blocks(tokenizer, data_args.train_file, data_args.validation_file, data_args.max_seq_length,
-                           data_args.validation_split_percentage)
+    def load_datasets(self, tokenizer, data_args, *, rank: int = 0, world: int = 1, seed: int = 0):
+        return self.corpus.load(rank, world, seed)
 
     def collate(self, rows, *, train: bool) -> dict:
-        ids = rows["input_ids"]  # (B, N)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        ids, attention = pad_rows(rows["input_ids"], self.max_seq_length, self.pad_id)  # (B, N), (B, N)
+        batch = {"input_ids": ids, "attention_mask": attention}
+        loss_mask = pad_rows(rows["loss_mask"], self.max_seq_length, 0)[0] if "loss_mask" in rows else None  # (B, N)
+        if self.per_document_attention:
+            starts = rows["document_starts"]
+            batch["position_ids"] = position_ids_from_starts(starts, self.max_seq_length)  # (B, N)
+            loss_mask = attention.clone() if loss_mask is None else loss_mask
+            for i, doc_starts in enumerate(starts):
+                loss_mask[i, list(doc_starts)] = 0  # predicted from the previous document, which it cannot see
+        if loss_mask is not None:
+            batch["loss_mask"] = loss_mask
+        return batch
 
     def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if "position_ids" in batch:  # no attention mask: transformers finds the documents from the position ids
+            inputs["position_ids"] = batch["position_ids"]
+        else:
+            inputs["attention_mask"] = batch["attention_mask"]
         if not logits:
             inputs["logits_to_keep"] = 1  # the (B, N, V) logits would be computed for nothing
         return inputs
 
+    @staticmethod
+    def ce_mask(batch: dict) -> torch.Tensor:
+        """(B, N): 1 where token j is a counted next-token target (real, and in the loss mask)."""
+        mask = batch["attention_mask"]
+        return mask * batch["loss_mask"] if "loss_mask" in batch else mask
+
+    @classmethod
+    def kd_mask(cls, batch: dict) -> torch.Tensor:
+        """(B, N): positions logit KD reads: every attended position, or with a loss mask the positions
+        whose next token is a counted target (the positions the task loss reads)."""
+        if "loss_mask" not in batch:
+            return batch["attention_mask"]
+        targets = cls.ce_mask(batch)
+        return torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], dim=1)  # position i predicts token i + 1
+
+    def loss_tokens(self, batch: dict) -> int:
+        """Next-token targets the task loss reads in the batch."""
+        return int(self.ce_mask(batch)[:, 1:].sum())
+
     def task_loss(self, outputs, batch: dict) -> torch.Tensor:
-        return causal_lm_loss(outputs.logits, batch["input_ids"], batch["attention_mask"])
+        return causal_lm_loss(outputs.logits, batch["input_ids"], self.ce_mask(batch))
 
     def kd_loss(self, student_outputs, teacher_outputs, batch: dict, temperature: float) -> torch.Tensor:
-        return logit_kd_loss(student_outputs.logits, teacher_outputs.logits, batch["attention_mask"], temperature=temperature)
+        return logit_kd_loss(student_outputs.logits, teacher_outputs.logits, self.kd_mask(batch), temperature=temperature)
 
     def distill_logits(self, outputs, batch: dict):
-        return outputs.logits, batch["attention_mask"]  # (B, N, V), (B, N)
+        return outputs.logits, self.kd_mask(batch)  # (B, N, V), (B, N)
 
     def eval_stats(self, outputs, batch: dict) -> dict:
-        mask = batch["attention_mask"] * batch["example_mask"][:, None]  # (B, N): padding rows count nothing
+        mask = self.ce_mask(batch) * batch["example_mask"][:, None]  # (B, N): padding rows count nothing
         loss_sum = causal_lm_loss(outputs.logits, batch["input_ids"], mask, reduction="sum").double()
         return {"loss_sum": loss_sum.reshape(1), "targets": mask[:, 1:].sum().double().reshape(1)}
 

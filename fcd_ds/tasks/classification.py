@@ -1,6 +1,7 @@
 """Sequence classification and regression, single sentences or pairs, in the format of transformers'
-``examples/pytorch/text-classification/run_glue.py``: csv / json / jsonl files with a text column, an
-optional pair column and a label column (or a hub dataset with ``--dataset_name`` + ``--task_name``).
+``examples/pytorch/text-classification/run_glue.py``: csv / tsv / json / jsonl / parquet files (or
+:mod:`fcd_ds.data.sources`' other forms) with a text column, an optional pair column and a label column,
+or a dataset with ``--dataset_name`` (+ ``--task_name`` for GLUE).
 
 Labels: strings (e.g. ``fresh`` / ``rotten``) or integers are classes, named by their own values
 (sorted), which become the exported model's ``id2label`` / ``label2id``; floats that are not all
@@ -10,7 +11,6 @@ integers make a regression task (one output, MSE), as ``run_glue.py`` decides fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +19,9 @@ from transformers import AutoModelForSequenceClassification
 
 from ..errors import UsageError
 from ..losses import logit_kd_loss
-from ..task_metrics import GLUE_TASK_KEYS, GLUE_VALIDATION_SPLIT, compute_metrics, metric_names
+from ..task_metrics import GLUE_TASK_KEYS, compute_metrics, metric_names
 
 __all__ = ["LabelSpec", "read_label_spec", "load_raw", "SequenceClassificationTask"]
-
-_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".tsv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -38,43 +36,35 @@ class LabelSpec:
         return 1 if self.is_regression else len(self.names)
 
 
-def _loader(path: str, flag: str) -> tuple[str, dict]:
-    suffixes = Path(path).suffixes
-    suffix = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] in (".bz2", ".gz", ".xz", ".zst") else (suffixes or [""])[-1]
-    if suffix not in _LOADERS:
-        raise UsageError(f"{flag}: {path} is not .csv, .tsv, .json or .jsonl; convert it, as run_glue.py expects")
-    return _LOADERS[suffix], ({"delimiter": "\t"} if suffix == ".tsv" else {})
-
-
 def load_raw(data_args):
-    """``datasets.DatasetDict`` with ``train`` and ``validation`` splits, from the files or the hub.
-
-    Without a validation file the last ``validation_split_percentage`` percent of train rows are held out.
+    """``datasets.DatasetDict`` with ``train`` and ``validation`` splits, from files in any format of
+    :mod:`fcd_ds.data.sources` (csv / tsv / json / jsonl / parquet, several or a glob, a save_to_disk
+    folder) or ``--dataset_name`` (a GLUE ``--task_name`` is its config, mnli's held-out split
+    ``validation_matched``). Without held-out data the last ``validation_split_percentage`` percent of
+    train rows are held out.
 
     Raises:
-        UsageError: unknown file type, missing columns, or a hub dataset that cannot be loaded.
+        UsageError: as :func:`~fcd_ds.data.sources.load_split`; a .txt file (no label column).
     """
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
-    if data_args.dataset_name is not None:
-        try:
-            raw = load_dataset(data_args.dataset_name, data_args.task_name)
-        except Exception as exc:  # offline, unknown name, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--dataset_name: cannot load {data_args.dataset_name!r} ({first}); pass --train_file") from None
-        valid_split = GLUE_VALIDATION_SPLIT.get(data_args.task_name, "validation")
-        return DatasetDict(train=raw["train"], validation=raw[valid_split])
-    builder, kwargs = _loader(data_args.train_file, "--train_file")
-    files = {"train": data_args.train_file}
-    if data_args.validation_file is not None:
-        if _loader(data_args.validation_file, "--validation_file")[0] != builder:
-            raise UsageError("--validation_file: must have the same format (csv or json) as --train_file")
-        files["validation"] = data_args.validation_file
-    raw = load_dataset(builder, data_files=files, **kwargs)
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, shuffle=False)
-        raw = DatasetDict(train=split["train"], validation=split["test"])
-    return raw
+    from ..data.sources import load_split, resolve_source
+
+    splits = {}
+    for which in ("train", "validation"):
+        source = resolve_source(data_args, which)
+        if source is not None and source.builder == "text":
+            raise UsageError(f"{source.flag}: {source.described} is plain text, without a label column; pass csv, tsv, json, jsonl "
+                             "or parquet files with text and label columns, as run_glue.py expects")
+        ds = load_split(source, data_args)[0] if source is not None else None
+        if which == "train" and ds is None:
+            raise UsageError(f"{source.flag}: {source.described} has no split {source.split!r}; pass --train_split")
+        if ds is not None:
+            splits[which] = ds
+    if "validation" not in splits:
+        split = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, shuffle=False)
+        splits = {"train": split["train"], "validation": split["test"]}
+    return DatasetDict(splits)
 
 
 def text_columns(data_args) -> tuple[str, str | None]:
@@ -139,7 +129,7 @@ class SequenceClassificationTask:
         return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
                 "problem_type": "single_label_classification"}
 
-    def load_datasets(self, tokenizer, data_args):
+    def load_datasets(self, tokenizer, data_args, *, rank: int = 0, world: int = 1, seed: int = 0):
         text, pair = text_columns(data_args)
         label = data_args.label_column
         ids = {n: i for i, n in enumerate(self.labels.names)}
@@ -165,6 +155,10 @@ class SequenceClassificationTask:
 
     def collate(self, rows, *, train: bool) -> dict:
         return dict(rows)
+
+    def loss_tokens(self, batch: dict) -> int:
+        """Sequences the task loss reads (one target each)."""
+        return int(batch["labels"].shape[0])
 
     def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}

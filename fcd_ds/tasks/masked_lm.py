@@ -3,12 +3,13 @@ loss when the teacher has an MLM head), giving a general student to fine-tune af
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
-from ..data import load_blocks
+from ..data import pad_rows
 from ..losses import logit_kd_loss, masked_lm_loss
 
 __all__ = ["MaskedLMTask", "has_mlm_head", "EVAL_MASK_SEED"]
@@ -31,15 +32,19 @@ class MaskedLMTask:
     Without (``mlm=False``): ``AutoModel`` (no head), unmasked text, no task loss and no task metric:
     the student learns from the distillation terms alone and the engine reports held-out FCD.
 
-    Batches: ``input_ids`` (B, N), ``attention_mask`` (B, N), with ``mlm`` also ``labels`` (B, N).
+    Training masks are drawn from a generator seeded by the batch's own token ids and ``seed``, so a
+    batch gets the same masks in a DataLoader worker, in the training process and after a resume.
+
+    Batches: ``input_ids`` (B, N), ``attention_mask`` (B, N) (0 on padding), with ``mlm`` also ``labels`` (B, N).
     """
 
     name = "masked_lm"
     vocab_head = True
     fused_logit_loss = False
 
-    def __init__(self, tokenizer, *, mlm: bool, mlm_probability: float = 0.15):
-        self.mlm = mlm
+    def __init__(self, tokenizer, *, mlm: bool, mlm_probability: float = 0.15, corpus=None, max_seq_length: int = 128, seed: int = 0):
+        self.mlm, self.corpus, self.max_seq_length, self.seed = mlm, corpus, max_seq_length, seed
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.auto_class = AutoModelForMaskedLM if mlm else AutoModel
         self.metric_names = ("loss", "perplexity") if mlm else ()
         self.vocab_head = mlm
@@ -50,17 +55,23 @@ class MaskedLMTask:
     def config_updates(self) -> dict:
         return {}
 
-    def load_datasets(self, tokenizer, data_args):
-        return load_blocks(tokenizer, data_args.train_file, data_args.validation_file, data_args.max_seq_length,
-                           data_args.validation_split_percentage, special_tokens=True)
+    def load_datasets(self, tokenizer, data_args, *, rank: int = 0, world: int = 1, seed: int = 0):
+        return self.corpus.load(rank, world, seed)
 
     def collate(self, rows, *, train: bool) -> dict:
-        ids = rows["input_ids"]  # (B, N)
+        ids, attention = pad_rows(rows["input_ids"], self.max_seq_length, self.pad_id)  # (B, N), (B, N)
         if not self.mlm:
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            return {"input_ids": ids, "attention_mask": attention}
         masking = self._train_masking if train else self._eval_masking
-        batch = masking([{"input_ids": row} for row in ids])  # input_ids masked, labels -100 where not
-        return {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(ids), "labels": batch["labels"]}
+        if train:
+            digest = hashlib.blake2b(ids.numpy().tobytes() + self.seed.to_bytes(8, "little", signed=True), digest_size=8).digest()
+            masking.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        batch = masking([{"input_ids": row} for row in ids])  # input_ids masked (padding never), labels -100 where not
+        return {"input_ids": batch["input_ids"], "attention_mask": attention, "labels": batch["labels"]}
+
+    def loss_tokens(self, batch: dict) -> int:
+        """Masked tokens the MLM loss reads (0 without an MLM head)."""
+        return int((batch["labels"] != -100).sum()) if self.mlm else 0
 
     def model_inputs(self, batch: dict, *, logits: bool = True) -> dict:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
