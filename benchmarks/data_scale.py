@@ -14,7 +14,9 @@ Per size, with SmolLM2-135M-Instruct's tokenizer (the default teacher's) and 128
 * ``fcd-ds-prepare-data`` with ``--num_proc 1`` and ``2``: wall seconds, tokens/s, and the peak RSS of its
   process tree (summed over the processes, sampled every 0.1 s), each with a fresh datasets cache;
 * seconds from ``deepspeed --num_gpus 2 launchers/distill_gpt.py`` to its first optimizer step (the
-  first train_log.jsonl row) and each rank's peak RSS (metrics.json ``peak_host_memory_gib_per_rank``),
+  first train_log.jsonl row), of which rank 0's data set-up (its ``[fcd_ds] data ready in`` line: loading,
+  tokenising or opening, held-out batches, the micro-batch stream), and each rank's peak RSS (metrics.json
+  ``peak_host_memory_gib_per_rank``),
   for the prepared folder, ``--streaming`` and the raw files (tokenised by the run with 2 workers, a
   fresh datasets cache). The models are a random Llama of the teacher's vocabulary (4 blocks x 64) and
   its 2-block pruned student, so that the launch costs little beside the data path; 2 steps, no
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -182,13 +185,15 @@ def first_step(size: int, path: str, data_flags: list[str], work: Path, model: P
         cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "launchers" / "distill_gpt.py"),
                "--teacher", str(model), "--student_num_layers", "2", "--max_seq_length", str(SEQ), "--max_steps", "2",
                "--eval_on_start", "false", "--max_eval_samples", "8", "--per_device_train_batch_size", "8", "--output_dir", str(out),
-               "--validation_file", str(validation), *data_flags]
+               *([] if path == "prepared" else ["--validation_file", str(validation)]), *data_flags]  # a prepared folder holds its own
         seconds, tree_peak, result = tree_peak_rss(cmd, env, stop_when=lambda: log.is_file() and log.stat().st_size > 0)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
+    ready = re.search(r"\[fcd_ds\] data ready in ([0-9.]+) s", result.stdout)  # rank 0's own report of its data set-up
     return _keep(name, {"size_mb": size, "path": path, "seconds_to_first_step": seconds,
+                        "data_ready_seconds": float(ready.group(1)) if ready else None,
                         "peak_rss_gib_per_rank": metrics["peak_host_memory_gib_per_rank"], "tree_peak_rss_gib": tree_peak})
 
 
@@ -269,9 +274,11 @@ def main() -> None:
                      f"{two['seconds']:.1f} | {two['tokens_per_second'] / 1e6:.2f} M | {two['peak_rss_gib']:.2f} | {one['seconds'] / two['seconds']:.2f}x |")
     lines += ["", "Launch (`deepspeed --num_gpus 2`, random 4 x 64 Llama teacher with the 49,152-token vocabulary, 2-block student, "
               "micro-batch 8) to the first optimizer step, and each rank's peak RSS:", "",
-              "| corpus | path | seconds to first step | peak RSS per rank GiB |", "|---|---|---|---|"]
+              "| corpus | path | seconds to first step | of which data set-up (rank 0) | peak RSS per rank GiB |", "|---|---|---|---|---|"]
     for r in first:
-        lines.append(f"| {r['size_mb']} MiB | {r['path']} | {r['seconds_to_first_step']:.1f} | {', '.join(f'{g:.2f}' for g in r['peak_rss_gib_per_rank'])} |")
+        ready = f"{r['data_ready_seconds']:.2f}" if r.get("data_ready_seconds") is not None else "-"
+        lines.append(f"| {r['size_mb']} MiB | {r['path']} | {r['seconds_to_first_step']:.1f} | {ready} | "
+                     f"{', '.join(f'{g:.2f}' for g in r['peak_rss_gib_per_rank'])} |")
     for path in ("prepared", "streaming"):
         mine = [r for r in first if r["path"] == path]
         if len(mine) > 1:

@@ -154,6 +154,7 @@ def setup(plan) -> Job:
 
     # Data: rank 0 (local rank 0 of each node with --preprocess_on_each_node) tokenises or prepares first,
     # the others reuse its datasets cache or prepared folder; the barrier waits up to --ddp_timeout.
+    data_start = time.perf_counter()
     with main_process_first(local=d.preprocess_on_each_node):
         train_set, valid_set = task.load_datasets(plan.tokenizer, d, rank=rank, world=world, seed=t.seed)
     micro_bs = plan.ds_config["train_micro_batch_size_per_gpu"]
@@ -161,6 +162,9 @@ def setup(plan) -> Job:
                             collate=partial(task.collate, train=False))
     micro_batches = make_micro_batches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True),
                                        t.dataloader_num_workers, t.dataloader_prefetch_factor)
+    if rank == 0:
+        blocks = f"{len(train_set):,} train blocks" if hasattr(train_set, "__len__") else "train blocks streamed"
+        print(f"[fcd_ds] data ready in {time.perf_counter() - data_start:.2f} s: {blocks}, {len(eval_set)} held-out batches per rank", flush=True)
     stop.check("startup")
 
     # Engines: the student trains under the JSON; the teacher is frozen, ZeRO-3 sharded iff the student is

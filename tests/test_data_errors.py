@@ -95,6 +95,15 @@ def test_bad_rows_found_while_tokenising_name_the_row_and_file(files, tokenizer_
         with pytest.raises(UsageError) as info:
             corpus.load()
         assert str(info.value) == "--train_file: " + message.format(dir=files["dir"])
+    # a shard that holds no rows (a parquet file with a schema and nothing else)
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": []}).to_parquet(str(files["dir"] / "zero.parquet"))
+    Dataset.from_dict({"text": ["one document", "two"]}).to_parquet(str(files["dir"] / "one.parquet"))
+    args = DataArguments(train_file=f"{files['dir'] / 'one.parquet'},{files['dir'] / 'zero.parquet'}", validation_file=str(files["good"]))
+    with pytest.raises(UsageError) as info:
+        TextCorpus(tok, args, "causal_lm").load()
+    assert str(info.value) == f"--train_file: {files['dir'] / 'zero.parquet'} holds no rows; remove it from the list or fill it"
     # a file that is not UTF-8: the first bad byte's offset; read with its stated --encoding it loads
     args = DataArguments(train_file=str(files["latin1.txt"]), validation_file=str(files["good"]), max_seq_length=32)
     with pytest.raises(UsageError) as info:
@@ -122,3 +131,27 @@ def test_a_bad_row_stops_every_rank_with_one_line_before_training(files, base, t
     assert result.returncode == 2 and errors == [f"error: --train_file: row 5 of {files['unknown role']}: role 'robot' is not one of "
                                                  "system, user, assistant, tool; fix the row"], result.stderr[-3000:]
     assert "Traceback" not in result.stderr and snapshot(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_row_met_in_a_stream_is_one_line(files, tokenizer_dir, tmp_path, workers):
+    """Found mid-stream, in this process or in a DataLoader worker: the same one line, no worker traceback."""
+    from functools import partial
+
+    from transformers import AutoTokenizer
+
+    from fcd_ds.data import make_micro_batches
+    from fcd_ds.tasks import CausalLMTask
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template = tmp_path / "chatml.jinja"
+    template.write_text("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}")
+    args = DataArguments(train_file=str(files["unknown role"]), validation_file=str(files["chat"]), max_seq_length=32,
+                         chat_template_path=str(template), streaming=True)
+    epochs, _ = TextCorpus(tok, args, "causal_lm").load()
+    stream = make_micro_batches(epochs, 2, 0, 1, 0, partial(CausalLMTask(max_seq_length=32).collate, train=True), num_workers=workers)
+    with pytest.raises(UsageError) as info:
+        next(stream)
+    assert str(info.value).startswith("--train_file: row 5 of the stream of ") and str(info.value).endswith(
+        "role 'robot' is not one of system, user, assistant, tool; fix the row")
+    assert "Traceback" not in str(info.value)

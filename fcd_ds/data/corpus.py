@@ -4,12 +4,10 @@ tokenising) and loads at set-up."""
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from .blocks import special_token_frame
 from .documents import document_markers, read_chat_template
-from .prepared import check_prepared, load_prepared, prepared_inputs, prepared_settings, read_prepared_metadata, tokenizer_fingerprint, write_prepared
+from .prepared import check_prepared, load_prepared, prepared_inputs, prepared_settings, read_prepared_metadata, write_prepared
 from .streaming import StreamEpochs
-from .text import load_text_blocks, text_data_spec
+from .text import block_frame, load_text_blocks, text_data_spec
 
 __all__ = ["TextCorpus"]
 
@@ -39,23 +37,17 @@ class TextCorpus:
         self.data = text_data_spec(tokenizer, data_args, task) if raw_given or self.prepared is None else None
         if self.prepared is not None:
             check_prepared(self.prepared, self._settings(), path, prepared_inputs(self.data, data_args) if self.data else None)
-        elif path is not None and self.data is None:
-            raise UsageError(f"--dataset_prepared_path: {path} does not exist and no data flag says what to prepare; pass --train_file")
-
-    @property
-    def has_loss_mask(self) -> bool:
-        """Whether blocks carry a ``loss_mask`` (assistant-only loss)."""
-        return bool(self.args.assistant_only_loss)
 
     def _settings(self) -> dict:
+        """What a prepared folder must share with this run: all of the document spec when the run names its
+        raw data, else what the flags alone decide (BOS/EOS, assistant-only loss, a given chat template)."""
         if self.data is not None:
-            return prepared_settings(self.tokenizer, self.args, self.task, self.data.spec)
+            return prepared_settings(self.tokenizer, self.args, self.task, self.data.spec.as_record())
         bos, eos = document_markers(self.tokenizer, self.task, self.args.packing)
         document = {"bos": list(bos), "eos": list(eos), "assistant_only_loss": self.args.assistant_only_loss}
         if self.args.chat_template_path is not None:
             document["chat_template"] = read_chat_template(self.args.chat_template_path)
-        return {"task": self.task, "tokenizer": tokenizer_fingerprint(self.tokenizer), "max_seq_length": self.args.max_seq_length,
-                "packing": self.args.packing, "document": document}
+        return prepared_settings(self.tokenizer, self.args, self.task, document)
 
     def load(self, rank: int = 0, world: int = 1, seed: int = 0):
         """``(train, validation)``: map-style block datasets, or for ``--streaming`` a
@@ -66,7 +58,7 @@ class TextCorpus:
             if read_prepared_metadata(a.dataset_prepared_path) is None:
                 write_prepared(a.dataset_prepared_path, self.tokenizer, a, self.data, a.preprocessing_num_workers)
             return load_prepared(a.dataset_prepared_path, self._settings(), None)
-        frame = special_token_frame(self.tokenizer) if self.task == "masked_lm" else ([], [])
+        frame = block_frame(self.tokenizer, self.task)
         if a.streaming:
             train = StreamEpochs(self.data.train, a, self.tokenizer, self.data.spec, frame, rank, world, seed)
             held_out = StreamEpochs(self.data.validation, a, self.tokenizer, self.data.spec, frame, 0, 1, seed)

@@ -40,10 +40,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def prepared_settings(tokenizer, data_args, task: str, spec) -> dict:
-    """The settings a prepared folder must share with a run that reads it."""
+def prepared_settings(tokenizer, data_args, task: str, document: dict) -> dict:
+    """The settings a prepared folder must share with a run that reads it (``document``: a
+    :meth:`~fcd_ds.data.documents.DocumentSpec.as_record`, or the part of one that a run knows)."""
     return {"task": task, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": data_args.max_seq_length,
-            "packing": data_args.packing, "document": spec.as_record()}
+            "packing": data_args.packing, "document": document}
 
 
 def prepared_inputs(data, data_args) -> dict:
@@ -114,7 +115,7 @@ def write_prepared(path: str | Path, tokenizer, data_args, data, num_proc: int |
     from .text import load_text_blocks
 
     path = Path(path)
-    settings = prepared_settings(tokenizer, data_args, data.task, data.spec)
+    settings = prepared_settings(tokenizer, data_args, data.task, data.spec.as_record())
     inputs = prepared_inputs(data, data_args)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock"))):

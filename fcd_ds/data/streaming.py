@@ -21,6 +21,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from ..errors import UsageError
 from .documents import DocumentSpec
 from .sources import DataSource, RowLocator, load_stream
@@ -122,8 +124,6 @@ class StreamingMicroBatches:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
-        import torch
-
         # Its own generator: no draw from torch's global RNG (the dropout masks stay those of an uninterrupted run).
         self._loader = StatefulDataLoader(self.make_epoch(self.epoch), batch_size=self.batch_size, drop_last=True,
                                           collate_fn=_Collate(self.collate), num_workers=self.num_workers,
@@ -137,24 +137,22 @@ class StreamingMicroBatches:
         return self
 
     def __next__(self) -> dict:
-        for _ in range(2):
-            if self._iter is None:
-                self._open()
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                if self._in_epoch == 0:
-                    raise UsageError(f"--streaming: epoch {self.epoch} gave this rank no micro-batch of {self.batch_size}; "
-                                     "use more data, fewer ranks or a smaller --per_device_train_batch_size") from None
-                self.close()
-                self.epoch, self._in_epoch = self.epoch + 1, 0
-                continue
-            except UsageError as exc:
-                raise _clean_usage_error(exc) from None
-            self.position += 1
-            self._in_epoch += 1
-            return batch
-        raise AssertionError("unreachable")
+        if self._iter is None:
+            self._open()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            if self._in_epoch == 0:
+                raise UsageError(f"--streaming: epoch {self.epoch} gave this rank no micro-batch of {self.batch_size}; "
+                                 "use more data, fewer ranks or a smaller --per_device_train_batch_size") from None
+            self.close()
+            self.epoch, self._in_epoch = self.epoch + 1, 0
+            return next(self)  # the next epoch's first micro-batch
+        except UsageError as exc:
+            raise _clean_usage_error(exc) from None
+        self.position += 1
+        self._in_epoch += 1
+        return batch
 
     def state_dict(self) -> dict:
         """Where the stream stands: JSON-serialisable (``json.dumps`` works)."""

@@ -95,7 +95,7 @@ def _log(message: str) -> None:
 
 def tokenize_documents(raw, tokenizer, spec: DocumentSpec, flag: str, locate: RowLocator, num_proc: int | None = None, desc: str = "tokenize"):
     """Rows -> documents (``input_ids`` int32 lists, ``loss_mask`` int8 lists with assistant-only loss), by
-    ``datasets.map`` with ``num_proc`` processes. Returns the documents' ``datasets.Dataset`` (or
+    ``datasets.map`` with ``num_proc`` processes (None or 1: in this process). Returns the documents' ``datasets.Dataset`` (or
     ``IterableDataset`` for a stream)."""
     from datasets import Dataset, Features, Sequence, Value
 
@@ -103,7 +103,10 @@ def tokenize_documents(raw, tokenizer, spec: DocumentSpec, flag: str, locate: Ro
     encoder = DocumentEncoder(tokenizer, spec, flag, locate)
     kwargs = {"batched": True, "batch_size": PACK_GROUP, "with_indices": True}
     if isinstance(raw, Dataset):
-        return raw.map(encoder, features=features, num_proc=num_proc, desc=desc, remove_columns=raw.column_names, **kwargs)
+        # One process: this one, whose fast tokenizer batches on every core (its Rust threads). datasets runs
+        # num_proc >= 1 in worker processes, each with TOKENIZERS_PARALLELISM=false (one thread).
+        workers = num_proc if num_proc and num_proc > 1 else None
+        return raw.map(encoder, features=features, num_proc=workers, desc=desc, remove_columns=raw.column_names, **kwargs)
     # A stream's columns are unknown before it is read: keep the form's own, then replace them.
     read = {"text": [spec.text_column], "messages": ["messages"], "prompt_completion": ["prompt", "completion"]}[spec.form]
     return raw.select_columns(read).map(encoder, features=features, remove_columns=read, **kwargs)
