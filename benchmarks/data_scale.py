@@ -17,8 +17,9 @@ Per size, with SmolLM2-135M-Instruct's tokenizer (the default teacher's) and 128
   first train_log.jsonl row), of which rank 0's data set-up (its ``[fcd_ds] data ready in`` line: loading,
   tokenising or opening, held-out batches, the micro-batch stream), and each rank's peak RSS (metrics.json
   ``peak_host_memory_gib_per_rank``),
-  for the prepared folder, ``--streaming`` and the raw files (tokenised by the run with 2 workers, a
-  fresh datasets cache). The models are a random Llama of the teacher's vocabulary (4 blocks x 64) and
+  for the prepared folder, ``--streaming`` (each launched --repeats times: the median, since a launch's
+  own start-up varies by seconds) and the raw files (tokenised by the run with 2 workers, a fresh datasets
+  cache; once). The models are a random Llama of the teacher's vocabulary (4 blocks x 64) and
   its 2-block pruned student, so that the launch costs little beside the data path; 2 steps, no
   initial evaluation, 8 held-out blocks;
 * once, for the 1 GiB folder: opening it and reading 2,000 random micro-batches of 8 blocks, Arrow
@@ -173,8 +174,8 @@ def tiny_models(work: Path, teacher: Path) -> Path:
     return path
 
 
-def first_step(size: int, path: str, data_flags: list[str], work: Path, model: Path, validation: Path) -> dict:
-    name = f"first-step-{size}mb-{path}"
+def first_step(size: int, path: str, data_flags: list[str], work: Path, model: Path, validation: Path, repeat: int = 0) -> dict:
+    name = f"first-step-{size}mb-{path}" + (f"-r{repeat}" if repeat else "")
     if (kept := _kept(name)) is not None:
         return kept
     out = work / f"run-{size}-{path}"
@@ -192,9 +193,15 @@ def first_step(size: int, path: str, data_flags: list[str], work: Path, model: P
     metrics = json.loads((out / "metrics.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     ready = re.search(r"\[fcd_ds\] data ready in ([0-9.]+) s", result.stdout)  # rank 0's own report of its data set-up
-    return _keep(name, {"size_mb": size, "path": path, "seconds_to_first_step": seconds,
+    return _keep(name, {"size_mb": size, "path": path, "repeat": repeat, "seconds_to_first_step": seconds,
                         "data_ready_seconds": float(ready.group(1)) if ready else None,
                         "peak_rss_gib_per_rank": metrics["peak_host_memory_gib_per_rank"], "tree_peak_rss_gib": tree_peak})
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time to first step, with every run's seconds (launches vary by seconds)."""
+    ordered = sorted(runs, key=lambda r: r["seconds_to_first_step"])
+    return {**ordered[len(ordered) // 2], "all_seconds": [r["seconds_to_first_step"] for r in runs]}
 
 
 def arrow_vs_memmap(folder: Path, work: Path) -> dict:
@@ -233,6 +240,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 1024], help="corpus sizes in MiB")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fcd_ds_data_scale")
+    p.add_argument("--repeats", type=int, default=3, help="launches per prepared / streaming measurement (the median is reported)")
     p.add_argument("--no_write", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
     from transformers import AutoTokenizer
@@ -258,7 +266,8 @@ def main() -> None:
         glob = str(corpus / "shard-*.jsonl")
         for path, flags in (("prepared", ["--dataset_prepared_path", folder]), ("streaming", ["--train_file", glob, "--streaming"]),
                             ("raw", ["--train_file", glob, "--preprocessing_num_workers", "2"])):
-            first.append(first_step(size, path, flags, args.work, model, validation))
+            runs = [first_step(size, path, flags, args.work, model, validation, r) for r in range(1 if path == "raw" else args.repeats)]
+            first.append(_median_run(runs))
             print(json.dumps(first[-1]), flush=True)
     choice = arrow_vs_memmap(Path(rows[-1][1][1]["folder"]), args.work) if rows else None
     lines = [f"\n## Data path at scale (benchmarks/data_scale.py, {time.strftime('%Y-%m-%d %H:%M')} UTC)\n",
@@ -274,10 +283,12 @@ def main() -> None:
                      f"{two['seconds']:.1f} | {two['tokens_per_second'] / 1e6:.2f} M | {two['peak_rss_gib']:.2f} | {one['seconds'] / two['seconds']:.2f}x |")
     lines += ["", "Launch (`deepspeed --num_gpus 2`, random 4 x 64 Llama teacher with the 49,152-token vocabulary, 2-block student, "
               "micro-batch 8) to the first optimizer step, and each rank's peak RSS:", "",
-              "| corpus | path | seconds to first step | of which data set-up (rank 0) | peak RSS per rank GiB |", "|---|---|---|---|---|"]
+              "| corpus | path | seconds to first step (median; every launch) | of which data set-up (rank 0) | peak RSS per rank GiB |",
+              "|---|---|---|---|---|"]
     for r in first:
         ready = f"{r['data_ready_seconds']:.2f}" if r.get("data_ready_seconds") is not None else "-"
-        lines.append(f"| {r['size_mb']} MiB | {r['path']} | {r['seconds_to_first_step']:.1f} | {ready} | "
+        every = ", ".join(f"{x:.1f}" for x in r["all_seconds"])
+        lines.append(f"| {r['size_mb']} MiB | {r['path']} | {r['seconds_to_first_step']:.1f} ({every}) | {ready} | "
                      f"{', '.join(f'{g:.2f}' for g in r['peak_rss_gib_per_rank'])} |")
     for path in ("prepared", "streaming"):
         mine = [r for r in first if r["path"] == path]
