@@ -75,12 +75,13 @@ def build_student_engine(model_args, teacher_path: str | None, teacher_config, d
     updates = task.config_updates()
     hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 and model_args.student_num_layers is None else None
     if model_args.student is not None:
-        model = load_model(model_args.student, task.auto_class, dtype, "--student", updates)
+        model = load_model(model_args.student, task.auto_class, dtype, "--student", updates, trust_remote_code=model_args.trust_remote_code,
+                           use_safetensors=model_args.use_safetensors)
     elif model_args.student_config is not None:
-        cfg = load_config(model_args.student_config, "--student_config")
+        cfg = load_config(model_args.student_config, "--student_config", trust_remote_code=model_args.trust_remote_code)
         for key, value in updates.items():
             setattr(cfg, key, value)
-        model = task.auto_class.from_config(cfg, dtype=dtype)
+        model = task.auto_class.from_config(cfg, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
     else:  # pruned: built whole on CPU (smaller than the teacher), partitioned by deepspeed.initialize
         model = prune_teacher(teacher_path, teacher_config, model_args.student_num_layers, dtype, task.auto_class, updates)
     del hf_ds  # later models are built whole unless they ask for ZeRO-3 themselves
@@ -93,16 +94,18 @@ def build_student_engine(model_args, teacher_path: str | None, teacher_config, d
     return engine
 
 
-def build_teacher_engine(teacher_path: str, student_ds_cfg: dict, task, offload: str | None = None):
+def build_teacher_engine(teacher_path: str, student_ds_cfg: dict, task, offload: str | None = None, model_args=None):
     """Frozen teacher engine (see module docstring), loaded with the task's Auto class; ``offload`` is
-    ``--teacher_offload`` (:func:`~fcd_ds.ds_config.teacher_ds_config`). Returns the ``DeepSpeedEngine``
+    ``--teacher_offload`` (:func:`~fcd_ds.ds_config.teacher_ds_config`); ``model_args`` gives
+    ``--trust_remote_code`` and ``--use_safetensors`` (default: off, on). Returns the ``DeepSpeedEngine``
     in eval mode."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     cfg = teacher_ds_config(student_ds_cfg, offload)
     hf_ds = HfDeepSpeedConfig(cfg) if zero_stage(cfg) == 3 else None  # from_pretrained builds it partitioned
-    model = load_model(teacher_path, task.auto_class, model_dtype(student_ds_cfg), "--teacher")
+    model = load_model(teacher_path, task.auto_class, model_dtype(student_ds_cfg), "--teacher",
+                       trust_remote_code=getattr(model_args, "trust_remote_code", False), use_safetensors=getattr(model_args, "use_safetensors", True))
     del hf_ds
     model.config.use_cache = False
     model.requires_grad_(False)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .safe_load import install_safe_checkpoint_engine, safe_torch_load
 
 __all__ = [
     "RUN_FILES",
@@ -135,9 +136,10 @@ def _rng_state() -> dict:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, 625 ints, None)
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],  # no NumPy objects: weights_only
         "torch": torch.get_rng_state(),
         "accelerator": None if acc.device_name() == "cpu" else acc.get_rng_state(),
         "deepspeed_checkpointing": deepspeed.checkpointing.get_cuda_rng_tracker().get_states(),
@@ -149,7 +151,8 @@ def _set_rng_state(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state.get("accelerator") is not None:
         get_accelerator().set_rng_state(state["accelerator"])
@@ -247,12 +250,13 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optio
 
     ckpt = Path(output_dir) / "checkpoints"
     tag = latest_tag(output_dir)
+    install_safe_checkpoint_engine(engine)  # DeepSpeed's own loads with weights_only=True too
     path, client_state = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         raise RuntimeError(f"no DeepSpeed checkpoint could be loaded from {ckpt}")
     rng = ckpt / tag / f"rng_state_rank{dist.get_rank()}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(safe_torch_load(rng))
     missing = [k for k in keys if k not in client_state and k not in optional]
     if missing:
         raise RuntimeError(f"checkpoint {ckpt / tag} lacks {missing}; it was not written by fcd_ds")

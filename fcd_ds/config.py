@@ -23,6 +23,7 @@ __all__ = [
     "FCD_STACK_PAIRS",
     "TrainArguments",
     "parse_args",
+    "unknown_flags_message",
     "DS_CONFIG_DIR",
     "DEFAULT_DS_CONFIG",
 ]
@@ -62,6 +63,8 @@ class ModelArguments:
         metadata={"help": "Depth-prune the teacher to K evenly spaced blocks. Default when no student is given: a third of the teacher's blocks."},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the student's blocks."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the Python code a model folder ships (its config's auto_map). Off: such a folder is refused in one line, never with a prompt."})
+    use_safetensors: bool = field(default=True, metadata={"help": "Read weights from safetensors files only; false: pickled .bin files too (transformers loads them with weights_only=True)."})
 
     def __post_init__(self):
         _finite(self)
@@ -81,10 +84,13 @@ class FinetuneModelArguments:
                           "Default: all-MiniLM-L6-v2 prepared by `python -m fcd_ds.assets`."},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the model's blocks."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the Python code a model folder ships (its config's auto_map); off: refused in one line."})
+    use_safetensors: bool = field(default=True, metadata={"help": "Read weights from safetensors files only; false: pickled .bin files too."})
 
     def as_model_arguments(self) -> ModelArguments:
         """The engine's view: the model to fine-tune is the (only) trained model, the student."""
-        return ModelArguments(teacher=None, student=self.model_name_or_path, gradient_checkpointing=self.gradient_checkpointing)
+        return ModelArguments(teacher=None, student=self.model_name_or_path, gradient_checkpointing=self.gradient_checkpointing,
+                              trust_remote_code=self.trust_remote_code, use_safetensors=self.use_safetensors)
 
 
 SAMPLE_BY = ("line", "paragraph", "document")  # datasets' text builder: what one row (document) of a .txt file is
@@ -334,6 +340,20 @@ class TrainArguments:
             raise UsageError(f"{' and '.join(starts)} contradict each other; pass one")
 
 
+def unknown_flags_message(parser, unknown: list[str]) -> str:
+    """``unknown argument(s) ...; see --help for the flags``, with the closest valid flag names (difflib) of
+    each unknown ``--flag``, as one line."""
+    import difflib
+
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--") and "-" not in o[2:]]  # not the dash aliases
+    close = []
+    for arg in unknown:
+        if arg.startswith("--"):
+            close += [c for c in difflib.get_close_matches(arg.split("=", 1)[0], known, n=3, cutoff=0.6) if c not in close]
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return f"unknown argument(s) {' '.join(unknown)}; see --help for the flags{hint}"
+
+
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, finetune: bool = False):
     """Parse the command line into ``(ModelArguments, DataArguments, DistillArguments, TrainArguments)``.
 
@@ -352,12 +372,12 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, f
 
     model_cls = FinetuneModelArguments if finetune else ModelArguments
     groups = (model_cls, DataArguments, TrainArguments) if finetune else (model_cls, DataArguments, DistillArguments, TrainArguments)
-    parser = HfArgumentParser(groups)
+    parser = HfArgumentParser(groups, allow_abbrev=False)  # --resum is not --resume: flags are exact
     if defaults:
         parser.set_defaults(**defaults)
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        raise UsageError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags")
+        raise UsageError(unknown_flags_message(parser, unknown))
     if finetune:
         model, data, train = parsed
         return model.as_model_arguments(), data, DistillArguments(loss="ce"), train

@@ -42,10 +42,17 @@ __all__ = [
 _PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "data2vec-text")
 
 
-def load_config(name_or_path: str, flag: str) -> PretrainedConfig:
+def _remote_code_hint(exc: Exception) -> str:
+    """A pointer to --trust_remote_code when transformers refused a folder's own code."""
+    return "; it ships its own code, which runs only with --trust_remote_code (pass it if you trust the folder)" if "trust_remote_code" in str(exc) else ""
+
+
+def load_config(name_or_path: str, flag: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """``AutoConfig.from_pretrained`` with a one-line :class:`UsageError` naming ``flag`` on failure.
 
-    ``name_or_path`` may be a model folder, a ``config.json`` file, or a hub name.
+    ``name_or_path`` may be a model folder, a ``config.json`` file, or a hub name. A folder whose config
+    maps to its own code (``auto_map``) is refused unless ``trust_remote_code`` (``--trust_remote_code``):
+    transformers is told ``trust_remote_code=False``, so it never asks on stdin and never runs the code.
     """
     path = Path(name_or_path)
     try:
@@ -55,21 +62,23 @@ def load_config(name_or_path: str, flag: str) -> PretrainedConfig:
             if model_type is None:
                 raise UsageError(f"{flag}: {path} has no 'model_type'; add e.g. \"model_type\": \"gpt2\"")
             return AutoConfig.for_model(model_type, **data)
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except UsageError:
         raise
     except Exception as exc:  # OSError (missing), JSONDecodeError, ValueError (unknown type), hub errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{flag}: cannot load a model config from {name_or_path!r} ({first}); pass a model folder or config.json") from None
+        fix = _remote_code_hint(exc) or "; pass a model folder or config.json"
+        raise UsageError(f"{flag}: cannot load a model config from {name_or_path!r} ({first}){fix}") from None
 
 
-def load_tokenizer(name_or_path: str, flag: str) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` with a :class:`UsageError` naming ``flag`` on failure."""
+def load_tokenizer(name_or_path: str, flag: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` (``trust_remote_code`` as :func:`load_config`) with a :class:`UsageError`
+    naming ``flag`` on failure."""
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{flag}: cannot load a tokenizer from {name_or_path!r} ({first})") from None
+        raise UsageError(f"{flag}: cannot load a tokenizer from {name_or_path!r} ({first}){_remote_code_hint(exc)}") from None
 
 
 def check_same_tokenizer(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
@@ -192,18 +201,24 @@ def prune_teacher(
     return student
 
 
-def load_model(name_or_path: str, auto_class, dtype: torch.dtype, flag: str, config_updates: dict | None = None) -> nn.Module:
+def load_model(name_or_path: str, auto_class, dtype: torch.dtype, flag: str, config_updates: dict | None = None, *,
+               trust_remote_code: bool = False, use_safetensors: bool = True) -> nn.Module:
     """``auto_class.from_pretrained`` with ``config_updates`` as config overrides (a ZeRO-3
     ``HfDeepSpeedConfig`` alive around this call makes transformers build it already partitioned).
+    Weights are read from safetensors files only unless ``use_safetensors`` is False (``--use_safetensors
+    false``: pickled ``.bin`` files too, which transformers loads with ``weights_only=True``); a model's own
+    code runs only with ``trust_remote_code``.
 
     Raises:
         UsageError: naming ``flag``, when the folder or hub name does not hold such a model.
     """
     try:
-        return auto_class.from_pretrained(name_or_path, dtype=dtype, **(config_updates or {}))
+        return auto_class.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          use_safetensors=use_safetensors, **(config_updates or {}))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{flag}: cannot load a {auto_class.__name__} from {name_or_path!r} ({first})") from None
+        safetensors = "; it has no safetensors weights: pass --use_safetensors false to read its .bin files" if "safetensors" in first.lower() and use_safetensors else ""
+        raise UsageError(f"{flag}: cannot load a {auto_class.__name__} from {name_or_path!r} ({first}){_remote_code_hint(exc) or safetensors}") from None
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype, flag: str) -> nn.Module:

@@ -63,9 +63,9 @@ class RunPlan:
 
 def _student_config(model_args, teacher_config):
     if model_args.student is not None:
-        return load_config(model_args.student, "--student")
+        return load_config(model_args.student, "--student", trust_remote_code=model_args.trust_remote_code)
     if model_args.student_config is not None:
-        return load_config(model_args.student_config, "--student_config")
+        return load_config(model_args.student_config, "--student_config", trust_remote_code=model_args.trust_remote_code)
     return pruned_student_config(teacher_config, model_args.student_num_layers)
 
 
@@ -161,8 +161,10 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
                      auto_resume=train_args.auto_resume)
 
     teacher = None if launcher.finetune else model_args.teacher
-    teacher_config = load_config(teacher, "--teacher") if teacher is not None else None
-    tokenizer = load_tokenizer(teacher, "--teacher") if teacher is not None else load_tokenizer(model_args.student, "--model_name_or_path")
+    remote = model_args.trust_remote_code
+    teacher_config = load_config(teacher, "--teacher", trust_remote_code=remote) if teacher is not None else None
+    tokenizer = (load_tokenizer(teacher, "--teacher", trust_remote_code=remote) if teacher is not None
+                 else load_tokenizer(model_args.student, "--model_name_or_path", trust_remote_code=remote))
     if teacher is not None and model_args.student is None and model_args.student_config is None and model_args.student_num_layers is None:
         model_args.student_num_layers = max(1, round(teacher_config.num_hidden_layers * launcher.student_depth))
     student_config = _student_config(model_args, teacher_config)
@@ -175,7 +177,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         _check_teacher_head(task, teacher_config, teacher, distill_args)
         if model_args.student is not None:
             try:
-                student_tokenizer = load_tokenizer(model_args.student, "--student")
+                student_tokenizer = load_tokenizer(model_args.student, "--student", trust_remote_code=remote)
             except UsageError:
                 student_tokenizer = None  # a student folder without tokenizer files uses the teacher's
             if student_tokenizer is not None:

@@ -171,7 +171,7 @@ def setup(plan) -> Job:
     # (or --teacher_offload cpu).
     projection_width = plan.teacher_config.hidden_size if plan.distill_args.hidden_mse_weight else None
     student = build_student_engine(plan.model_args, plan.teacher, plan.teacher_config, plan.ds_config, task, projection_width)
-    teacher = build_teacher_engine(plan.teacher, plan.ds_config, task, t.teacher_offload) if plan.teacher is not None else None
+    teacher = build_teacher_engine(plan.teacher, plan.ds_config, task, t.teacher_offload, plan.model_args) if plan.teacher is not None else None
     distiller = DistillEngine(student, teacher, plan.pairs, plan.distill_args, task, plan.attention_pairs)
     teacher_shares = gather_param_shares(teacher.module) if teacher is not None else None
     stop.check("startup")

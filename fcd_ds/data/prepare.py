@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the flags, prepare, print the folder's record as JSON; ``error: <one line>`` and exit 2 on bad input."""
     from transformers import HfArgumentParser
 
-    from ..config import DataArguments
+    from ..config import DataArguments, unknown_flags_message
 
     parser = HfArgumentParser((DataArguments, PrepareArguments), description=__doc__.split("\n\n")[0], allow_abbrev=False)
     try:
         data_args, prepare_args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         if unknown:
-            raise UsageError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags")
+            raise UsageError(unknown_flags_message(parser, unknown))
         start = time.perf_counter()
         record = prepare(data_args, prepare_args)
     except UsageError as exc:
