@@ -59,21 +59,30 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(checkpointed_run, tiny_mode
     pickle.dumps(_Payload(marker))  # the payload class itself is fine to build: only loading it runs code
 
 
-def test_a_model_folders_own_code_never_runs_even_when_stdin_says_yes(tiny_models, corpus, tmp_path):
-    teacher = tmp_path / "teacher"
+def _evil_teacher(tiny_models, tmp_path: Path, model_type: str) -> tuple[Path, Path]:
+    """The tiny GPT-2 teacher with an ``auto_map`` to a configuration module that writes a marker when imported."""
+    teacher = tmp_path / f"teacher_{model_type}"
     shutil.copytree(tiny_models["gpt2_teacher"], teacher)
-    marker = tmp_path / "marker"
+    marker = tmp_path / f"marker_{model_type}"
     (teacher / "configuration_evil.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('code ran')\n"
-        "from transformers import GPT2Config\nclass EvilConfig(GPT2Config):\n    model_type = 'gpt2'\n")
+        f"from transformers import GPT2Config\nclass EvilConfig(GPT2Config):\n    model_type = {model_type!r}\n")
     config = json.loads((teacher / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "configuration_evil.EvilConfig"}
     (teacher / "config.json").write_text(json.dumps(config))
+    return teacher, marker
+
+
+def test_a_model_folders_own_code_never_runs_even_when_stdin_says_yes(tiny_models, corpus, tmp_path):
+    """A type only the folder's code defines is refused in one line (no prompt, though stdin says y); a
+    known type with an auto_map loads transformers' own class; the folder's code runs in neither."""
     import subprocess
     import sys
 
     from conftest import LAUNCHER, REPO
 
+    teacher, marker = _evil_teacher(tiny_models, tmp_path, "evil_gpt")
     args = [sys.executable, str(LAUNCHER), "--teacher", str(teacher), "--student_num_layers", "2", "--train_file", str(corpus["train"]),
             "--validation_file", str(corpus["valid"]), "--max_seq_length", "32", "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(args, cwd=REPO, input="y\ny\n", capture_output=True, text=True, timeout=300)
@@ -82,6 +91,13 @@ def test_a_model_folders_own_code_never_runs_even_when_stdin_says_yes(tiny_model
     assert errors[0].endswith("it ships its own code, which runs only with --trust_remote_code (pass it if you trust the folder)"), errors[0]
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert "[y/N]" not in result.stdout + result.stderr  # no prompt
+    from fcd_ds import defaults
+    from fcd_ds.config import parse_args
+    from fcd_ds.plan import plan_run
+
+    known, marker = _evil_teacher(tiny_models, tmp_path, "gpt2")
+    plan = plan_run(*parse_args([str(a) for a in args[2:]] + ["--teacher", str(known)], defaults.GPT.flags), defaults.GPT)
+    assert type(plan.teacher_config).__name__ == "GPT2Config" and not marker.exists()
 
 
 @pytest.mark.parametrize("flag,closest", [("--resum", "--resume"), ("--max_step", "--max_steps"), ("--fcd_wieght", "--fcd_weight")])

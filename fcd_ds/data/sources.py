@@ -214,15 +214,27 @@ def first_undecodable_byte(path: str, encoding: str) -> tuple[int, str] | None:
     return None
 
 
-def _reading_error(source: DataSource, files: tuple[str, ...], exc: BaseException, encoding: str) -> UsageError:
-    """The one-line error for a failure inside ``load_dataset``: the first undecodable byte when a file is
-    not in ``encoding``, else the reader's own first line."""
+def _reading_error(source: DataSource, files: tuple[str, ...], exc: BaseException, data_args) -> UsageError:
+    """The one-line error for a failure inside ``load_dataset``, naming the file at fault: the first
+    undecodable byte when a file is not in ``--encoding``, a file that holds no rows, else the reader's own
+    first line (each file of several is read alone to find the one)."""
+    from datasets import load_dataset
+
+    encoding = data_args.encoding
     if source.builder in ("text", "csv", "json"):
         for f in files:
             bad = first_undecodable_byte(f, encoding)
             if bad is not None:
                 return UsageError(f"{source.flag}: {f} is not valid {encoding} (byte {bad[0]}: {bad[1]}); convert it to {encoding} "
                                   "(e.g. iconv -f latin1 -t utf-8) or pass its --encoding")
+    for f in files if len(files) > 1 else ():
+        try:
+            load_dataset(source.builder, data_files={"part0": [f]}, **_builder_kwargs(source, data_args))
+        except Exception as alone:  # noqa: BLE001  (this is the file)
+            exc, files = alone, (f,)
+            break
+    if "corresponds to no data" in _first_line(exc):
+        return UsageError(f"{source.flag}: {files[0]} holds no rows; remove it from the list or fill it")
     where = files[0] if len(files) == 1 else source.described
     return UsageError(f"{source.flag}: cannot read {where} as {source.builder or 'a dataset'} ({_first_line(exc)}); fix the file or its format")
 
@@ -269,7 +281,7 @@ def load_split(source: DataSource, data_args):
     try:
         parts = load_dataset(source.builder, data_files=data_files, **_builder_kwargs(source, data_args))
     except Exception as exc:  # noqa: BLE001  (every reader error becomes one line naming the file)
-        raise _reading_error(source, source.files, exc, data_args.encoding) from None
+        raise _reading_error(source, source.files, exc, data_args) from None
     ordered = [parts[f"part{i}"] for i in range(len(source.files))]
     columns = ordered[0].column_names
     for f, part in zip(source.files, ordered):
@@ -302,7 +314,7 @@ def load_stream(source: DataSource, data_args, files: tuple[str, ...] | None = N
         return load_dataset(source.builder, data_files=list(files or source.files), split="train", streaming=True,
                             **_builder_kwargs(source, data_args))
     except Exception as exc:  # noqa: BLE001
-        raise _reading_error(source, tuple(files or source.files), exc, data_args.encoding) from None
+        raise _reading_error(source, tuple(files or source.files), exc, data_args) from None
 
 
 def peek_columns(source: DataSource, data_args) -> tuple[list[str], dict] | None:
@@ -323,7 +335,7 @@ def peek_columns(source: DataSource, data_args) -> tuple[list[str], dict] | None
     try:
         row = next(iter(stream), None)
     except Exception as exc:  # noqa: BLE001
-        raise _reading_error(source, first or (), exc, data_args.encoding) from None
+        raise _reading_error(source, first or (), exc, data_args) from None
     if row is None:
         raise UsageError(f"{source.flag}: {source.described} holds no rows; fill it or remove it")
     return list(row), row
