@@ -6,7 +6,7 @@ run whatever someone planted there (``--auto_resume`` loads it unasked). ``torch
 rebuilds only tensors, containers, numbers and strings, plus the classes added here: the four types
 DeepSpeed 0.19 writes into ZeRO optimizer states (its loss scalers, the ZeRO stage enum, the fragment
 address of a flat partition), found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on
-real checkpoints of ZeRO 0-3. Their instances are rebuilt by setting attributes (no constructor runs).
+the 110 checkpoint files the test suite's real runs wrote. Their instances are rebuilt by setting attributes (no constructor runs).
 Anything else in a checkpoint is refused in one line naming the file and the type.
 
 fcd_ds's own RNG states are saved as tensors, strings and numbers only (:func:`rng_state_to_safe`).
