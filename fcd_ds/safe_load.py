@@ -3,10 +3,10 @@ DeepSpeed's checkpoint engine with ``weights_only=True`` and an explicit allow-l
 
 A pickle can name any callable to rebuild an object, so loading one from a shared output folder would
 run whatever someone planted there (``--auto_resume`` loads it unasked). ``torch.load(weights_only=True)``
-rebuilds only tensors, containers, numbers and strings, plus the classes added here: the four types
-DeepSpeed 0.19 writes into ZeRO optimizer states (its loss scalers, the ZeRO stage enum, the fragment
-address of a flat partition), found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on
-the 110 checkpoint files the test suite's real runs wrote. Their instances are rebuilt by setting attributes (no constructor runs).
+rebuilds only tensors, containers, numbers and strings, plus the classes added here: the types
+DeepSpeed 0.19 writes into ZeRO optimizer states: ``LossScaler``, ``ZeroStageEnum`` and ``fragment_address``
+(what ``torch.serialization.get_unsafe_globals_in_checkpoint`` found in the 110 checkpoint files the test
+suite's real runs wrote), and ``DynamicLossScaler``, its fp16 loss scaler. Their instances are rebuilt by setting attributes (no constructor runs).
 Anything else in a checkpoint is refused in one line naming the file and the type.
 
 fcd_ds's own RNG states are saved as tensors, strings and numbers only (:func:`rng_state_to_safe`).
