@@ -13,7 +13,7 @@ from typing import Callable
 from .assets import assets_home, prepare_default_assets, prepare_encoder_assets
 from .errors import UsageError
 
-__all__ = ["Launcher", "GPT", "BERT", "ROBERTA", "FINETUNE", "default_bert_teacher"]
+__all__ = ["Launcher", "GPT", "BERT", "ROBERTA", "FINETUNE", "default_bert_teacher", "fill_default_text_data"]
 
 BERT_TEACHER_RUN = "minilm-l6-rotten-tomatoes"  # under $FCD_DS_HOME: finetune_teacher.py's output folder
 
@@ -23,7 +23,7 @@ def default_bert_teacher() -> Path:
     return assets_home() / BERT_TEACHER_RUN / "model"
 
 
-def _text_data(data_args, documents: bool = False) -> None:
+def fill_default_text_data(data_args, documents: bool = False) -> None:
     """The default corpus where no data flag is given (and no existing prepared folder is the data): BBC
     News, one article per document (JSON lines) for decoders, or the plain-text file for encoders."""
     if data_args.train_file is None and data_args.dataset_name is None:
@@ -39,7 +39,7 @@ def _text_data(data_args, documents: bool = False) -> None:
 
 def _rotten_tomatoes(data_args) -> None:
     if data_args.task != "sequence_classification":  # task-agnostic: raw English text
-        _text_data(data_args)
+        fill_default_text_data(data_args)
     elif data_args.train_file is None and data_args.dataset_name is None:
         if data_args.validation_file is not None:
             raise UsageError("--validation_file: given without --train_file; pass both, or neither for the default data")
@@ -51,7 +51,7 @@ def _rotten_tomatoes(data_args) -> None:
 def _gpt(model_args, data_args) -> None:
     if model_args.teacher is None:
         model_args.teacher = str(prepare_default_assets().teacher)
-    _text_data(data_args, documents=True)
+    fill_default_text_data(data_args, documents=True)
 
 
 def _bert(model_args, data_args) -> None:

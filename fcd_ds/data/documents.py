@@ -162,8 +162,7 @@ class DocumentEncoder:
                 if t is not None and not isinstance(t, str):
                     self._fail(i, f"column {spec.text_column!r} holds {type(t).__name__}, not text")
             enc = self.tokenizer([t for t in texts if t], add_special_tokens=False, verbose=False)["input_ids"]
-            ids = [[*spec.bos, *e, *spec.eos] for e in enc]
-            return {"input_ids": ids, **({"loss_mask": [[1] * len(d) for d in ids]} if spec.assistant_only_loss else {})}
+            return {"input_ids": [[*spec.bos, *e, *spec.eos] for e in enc]}  # plain text has no assistant mask (the plan refuses the flag)
         if spec.form == "messages":
             rendered = [self._render_turns(turns, i) for turns, i in zip(batch["messages"], indices)]
         else:

@@ -40,6 +40,7 @@ def prepare(data_args, prepare_args) -> dict:
             folder there made otherwise.
     """
     from ..assets import prepare_default_assets, prepare_encoder_assets
+    from ..defaults import fill_default_text_data
     from ..models import load_tokenizer
     from .corpus import TextCorpus
     from .prepared import write_prepared
@@ -56,14 +57,8 @@ def prepare(data_args, prepare_args) -> dict:
     if name is None:
         name = str(prepare_default_assets().teacher if data_args.task == "causal_lm" else prepare_encoder_assets().minilm)
     tokenizer = load_tokenizer(name, "--tokenizer_name")
-    if data_args.train_file is None and data_args.dataset_name is None:
-        if data_args.validation_file is not None:
-            raise UsageError("--validation_file: given without --train_file; pass both, or neither for the default corpus")
-        assets = prepare_default_assets()
-        documents = data_args.task == "causal_lm"
-        data_args.train_file = str(assets.train_documents if documents else assets.train_file)
-        data_args.validation_file = str(assets.validation_documents if documents else assets.validation_file)
     target, data_args.dataset_prepared_path = data_args.dataset_prepared_path, None  # check the raw data as a run would
+    fill_default_text_data(data_args, documents=data_args.task == "causal_lm")  # the launchers' default corpus
     corpus = TextCorpus(tokenizer, data_args, data_args.task)
     data_args.dataset_prepared_path = target
     return write_prepared(target, tokenizer, data_args, corpus.data, data_args.preprocessing_num_workers)

@@ -37,7 +37,7 @@ def block_frame(tokenizer, task: str) -> tuple[list[int], list[int]]:
     return special_token_frame(tokenizer) if task == "masked_lm" else ([], [])
 
 
-def _spec_of(source: DataSource, tokenizer, data_args, task: str) -> DocumentSpec | None:
+def _spec_of(source: DataSource, tokenizer, data_args, task: str, template: str | None) -> DocumentSpec | None:
     peeked = peek_columns(source, data_args)
     if peeked is None:
         return None  # a saved DatasetDict without this split
@@ -49,7 +49,6 @@ def _spec_of(source: DataSource, tokenizer, data_args, task: str) -> DocumentSpe
     if data_args.assistant_only_loss and form == "text":
         raise UsageError(f"--assistant_only_loss: {source.described} holds plain text (column {text_column!r}), so there is no "
                          "assistant turn; give 'messages' or 'prompt'/'completion' rows, or drop the flag")
-    template = read_chat_template(data_args.chat_template_path)
     if form != "text" and template is None and getattr(tokenizer, "chat_template", None) is None and _needs_template(form, row):
         raise UsageError(f"{source.flag}: {source.described} holds chat turns but the teacher's tokenizer has no chat template; "
                          "pass --chat_template_path FILE")
@@ -73,11 +72,12 @@ def text_data_spec(tokenizer, data_args, task: str) -> TextData:
     if train is None:
         raise UsageError("--train_file: no training data; pass --train_file, --dataset_name or --dataset_prepared_path")
     valid = resolve_source(data_args, "validation")
-    spec = _spec_of(train, tokenizer, data_args, task)
+    template = read_chat_template(data_args.chat_template_path)  # read once, for both splits
+    spec = _spec_of(train, tokenizer, data_args, task, template)
     if spec is None:
         raise UsageError(f"{train.flag}: {train.described} has no split {train.split!r}; pass --train_split")
     if valid is not None and valid.kind != "hub":
-        other = _spec_of(valid, tokenizer, data_args, task)
+        other = _spec_of(valid, tokenizer, data_args, task, template)
         if other is None:
             valid = None  # the saved DatasetDict has no held-out split: a slice of train
         elif (other.form, other.text_column) != (spec.form, spec.text_column):
