@@ -1,18 +1,9 @@
-"""Output directory layout, its guard against clobbering a run, and resumable DeepSpeed checkpoints.
+"""Resumable DeepSpeed checkpoints under ``OUTPUT_DIR/checkpoints`` and the checks that guard an
+output folder before a run starts (the folder's layout, manifest and lock: :mod:`fcd_ds.output_dir`).
 
-Layout of ``OUTPUT_DIR``::
-
-    checkpoints/        DeepSpeed save_checkpoint folders (global_step{N}/, latest) + per-rank RNG states;
-                        a folder is written as global_step{N}.tmp and renamed once every rank has
-                        finished, so ``latest`` never names a half-written checkpoint
-    student/            the distilled student, a Hugging Face folder with the tokenizer and a model card
-    model/              instead of student/ for launchers/finetune_teacher.py: the fine-tuned model
-    runs/               TensorBoard events
-    train_log.jsonl     one JSON line per logged step (the same scalars), appended to on --resume
-    metrics.json        final metrics
-    run_config.json     resolved arguments and DeepSpeed JSON of the run
-
-Only these names are ever written or removed; anything else a user keeps there is left alone.
+``checkpoints/`` holds DeepSpeed save_checkpoint folders (global_step{N}/, latest) and per-rank RNG and
+data states; a folder is written as global_step{N}.tmp and renamed once every rank has finished, so
+``latest`` never names a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -28,13 +19,12 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .output_dir import foreign_entries, has_run, lock_holder, run_entries
 from .safe_load import install_safe_checkpoint_engine, safe_torch_load
 
 __all__ = [
-    "RUN_FILES",
-    "has_run",
     "check_output_dir",
-    "clear_run_files",
+    "check_checkpoint_files",
     "latest_tag",
     "checkpoint_steps",
     "save_checkpoint",
@@ -46,9 +36,6 @@ __all__ = [
     "read_trainer_state",
     "auto_resume_action",
 ]
-
-RUN_FILES = ("checkpoints", "student", "model", "runs", "train_log.jsonl", "metrics.json", "run_config.json")
-
 
 _TAG = re.compile(r"global_step(\d+)")
 
@@ -71,32 +58,78 @@ def checkpoint_steps(output_dir: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in ckpt.iterdir() if p.is_dir() and (m := _TAG.fullmatch(p.name)))
 
 
-def has_run(output_dir: str | Path) -> bool:
-    """Whether ``output_dir`` holds any of fcd_ds's own files (:data:`RUN_FILES`)."""
-    return any((Path(output_dir) / name).exists() for name in RUN_FILES)
-
-
-def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, auto_resume: bool = False) -> None:
-    """Refuse to start where it would clobber or silently continue another run (as transformers' Trainer).
-    With ``auto_resume`` only the file check runs here; :func:`auto_resume_action` decides the rest.
+def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, auto_resume: bool = False,
+                     export_name: str = "student", holding_lock: bool = False) -> None:
+    """Refuse to start where it would clobber, delete or silently continue what is not this run's (as
+    transformers' Trainer, with a manifest instead of names: :mod:`fcd_ds.output_dir`). With
+    ``auto_resume`` only the folder checks run here; :func:`auto_resume_action` decides the rest.
 
     Raises:
-        UsageError: ``output_dir`` is a file; it holds a run and neither ``--resume`` nor
-            ``--overwrite_output_dir`` is given; or ``--resume`` is given and there is no checkpoint.
+        UsageError: ``output_dir`` is a file; a running fcd_ds run holds its lock; a name the run writes
+            (``checkpoints``, ``export_name``, ...) exists but is not in the manifest, or is a symlink; it
+            holds a run and neither ``--resume`` nor ``--overwrite_output_dir`` is given; or ``--resume``
+            is given and there is no complete checkpoint (``latest`` naming a missing folder is said so,
+            with the newest complete checkpoint named).
+
+    ``holding_lock``: this process holds the folder's lock (the re-check under it), so it is not probed.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir: {out} is a file; pass a directory")
+    holder = None if holding_lock else lock_holder(out)
+    if holder is not None:
+        raise UsageError(f"--output_dir: {out} is in use by a running fcd_ds run ({holder}); wait for it to end, or pick another --output_dir")
+    foreign = foreign_entries(out, run_entries(export_name))
+    if foreign:
+        path = out / foreign[0]
+        why = "is a symlink, which fcd_ds never writes" if path.is_symlink() else "was not written by fcd_ds (fcd_ds_manifest.json does not name it)"
+        raise UsageError(f"--output_dir: {path} {why}, and this run writes {foreign[0]} there; move it, or pick another --output_dir")
     if auto_resume:
         return
     if resume:
         if latest_tag(out) is None:
-            raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start a new run")
+            raise UsageError(f"--resume: {_no_checkpoint(out)}")
     elif has_run(out) and not overwrite:
         raise UsageError(
             f"--output_dir: {out} already holds a run; pass --resume to continue it, "
             "--overwrite_output_dir to start afresh, or another --output_dir"
         )
+
+
+def _no_checkpoint(out: Path) -> str:
+    """Why ``out`` has no checkpoint to resume, in words (``latest`` naming a missing folder said so)."""
+    ckpt = out / "checkpoints"
+    latest = ckpt / "latest"
+    if latest.is_file():
+        steps = checkpoint_steps(out)
+        newest = f"the newest complete one is global_step{steps[-1]}: write that name into {latest}" if steps else "no complete checkpoint is left"
+        return f"{latest} names {latest.read_text().strip()!r}, which does not exist; {newest}, or drop --resume to start a new run"
+    return f"no checkpoint in {ckpt}; drop --resume to start a new run"
+
+
+def check_checkpoint_files(output_dir: str | Path) -> None:
+    """Check that every ``*.pt`` file of the latest checkpoint is a complete archive (``torch.save``
+    writes a zip whose directory sits at its end, so a file cut short anywhere has none; only the
+    directory is read). Every rank checks before any work, so a truncated optimizer shard of any rank is
+    one line at plan time instead of a traceback inside DeepSpeed's load on that rank alone.
+
+    Raises:
+        UsageError: names the first damaged file and the older complete checkpoints to resume from instead.
+    """
+    import zipfile
+
+    tag = latest_tag(output_dir)
+    if tag is None:
+        return
+    folder = Path(output_dir) / "checkpoints" / tag
+    for path in sorted(folder.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError) as exc:
+            older = [f"global_step{s}" for s in checkpoint_steps(output_dir) if f"global_step{s}" != tag]
+            instead = (f"write {older[-1]} into {folder.parent / 'latest'} to resume from it" if older else "no older checkpoint is left")
+            raise UsageError(f"--resume: {path} is damaged or truncated ({exc}); {instead}, or start a new run") from None
 
 
 def check_resume_layout(saved: dict, now: dict) -> None:
@@ -115,17 +148,6 @@ def check_resume_layout(saved: dict, now: dict) -> None:
             f"--resume: the checkpoint was written with {changed} (saved, now){why}; resume with the same values, "
             "or start a new run in another --output_dir"
         )
-
-
-def clear_run_files(output_dir: str | Path) -> None:
-    """Remove fcd_ds's own files (``RUN_FILES``) from ``output_dir``; nothing else is touched."""
-    out = Path(output_dir)
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def _rng_state() -> dict:
@@ -314,6 +336,15 @@ def auto_resume_action(output_dir: str | Path, run_config: dict) -> str:
     return "resume" if latest_tag(out) is not None else "restart"
 
 
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def export_student(engine, tokenizer, dest: str | Path, model_card: str | None = None) -> None:
     """Write the student as a Hugging Face folder (config, safetensors, tokenizer, and ``model_card`` as
     README.md) that the task's Auto class (e.g. ``AutoModelForCausalLM.from_pretrained(dest)``) loads.
@@ -338,6 +369,7 @@ def export_student(engine, tokenizer, dest: str | Path, model_card: str | None =
             tokenizer.save_pretrained(tmp)
             if model_card is not None:
                 (tmp / "README.md").write_text(model_card, encoding="utf-8")
+            _readable_as_umask_allows(tmp)  # safetensors writes its files 0600; an export is meant to be shared
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
     dist.barrier()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["load_ds_config", "resolve_ds_config", "teacher_ds_config", "zero_stage", "bf16_enabled"]
+__all__ = ["load_ds_config", "resolve_ds_config", "validate_ds_config", "teacher_ds_config", "zero_stage", "bf16_enabled"]
 
 DEFAULT_LR = 5e-4
 DEFAULT_MICRO_BATCH = 4
@@ -91,6 +91,61 @@ def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH) -
     if autos:
         raise UsageError(f"--deepspeed_config: no flag fills {', '.join(autos)} (value 'auto'); put a number in the JSON")
     return out
+
+
+class _ReadKeys(dict):
+    """A dict that records which of its keys are looked up (``get``, ``[]``, ``in``)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def validate_ds_config(cfg: dict, path: str, world_size: int, device: str) -> None:
+    """Check a resolved DeepSpeed config before any process starts, with DeepSpeed's own parser
+    (``deepspeed.runtime.config.DeepSpeedConfig``: its pydantic section models forbid unknown keys, e.g.
+    a misspelt ``zero_optimization.overlap_com``), plus what that parser lets through: a top-level key it
+    never reads (recorded while it parses), fp16 on the CPU accelerator (which trains in fp32 or bf16),
+    and a ``train_batch_size`` other than micro-batch x gradient accumulation x ranks.
+
+    Args:
+        cfg: from :func:`resolve_ds_config`. path: ``--deepspeed_config`` (for the message).
+        world_size: the data-parallel ranks of the run. device: the accelerator's name (``cpu``, ``cuda``).
+
+    Raises:
+        UsageError: the first problem, naming the key and the fix.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps", 1)
+    if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * accum * world_size:
+        raise UsageError(f"--deepspeed_config: train_batch_size {cfg['train_batch_size']} in {path} is not micro-batch {micro} x gradient "
+                         f"accumulation {accum} x {world_size} rank(s) = {micro * accum * world_size}; set it to that, or to \"auto\"")
+    if device == "cpu" and cfg.get("fp16", {}).get("enabled") not in (None, False):
+        raise UsageError(f"--deepspeed_config: fp16 is enabled in {path}, and the CPU accelerator trains in fp32 or bf16 only; "
+                         "set fp16.enabled false (--bf16 for bf16)")
+    checked = _ReadKeys({k: v for k, v in copy.deepcopy(cfg).items() if k != "train_batch_size"})  # the batch is checked above, over the real ranks
+    try:
+        DeepSpeedConfig(checked)
+    except Exception as exc:  # pydantic's ValidationError, DeepSpeed's assertions and ValueErrors
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[:3]) or type(exc).__name__
+        raise UsageError(f"--deepspeed_config: DeepSpeed refuses {path}: {detail}") from None
+    unknown = sorted(set(checked) - checked.read)
+    if unknown:
+        raise UsageError(f"--deepspeed_config: {path} has top-level key(s) {unknown} that DeepSpeed does not read; fix the spelling or remove them")
 
 
 def _find_auto(node, prefix="") -> list[str]:

@@ -35,6 +35,7 @@ __all__ = [
     "load_causal_lm",
     "load_model",
     "max_positions",
+    "check_weight_files",
 ]
 
 # Models whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``):
@@ -137,6 +138,33 @@ def _weight_files(name_or_path: str) -> list[Path]:
     if not files:
         raise UsageError(f"--student_num_layers: no *.safetensors weights in {path}; save the teacher with save_pretrained")
     return files
+
+
+def check_weight_files(name_or_path: str, flag: str) -> None:
+    """Check every ``*.safetensors`` file of a local model folder against its own header: the header's
+    last tensor must end at the file's end (the safetensors format: an 8-byte little-endian header length,
+    the JSON header, then the tensor bytes at the header's ``data_offsets``). Reads the headers only.
+    A hub name or a folder without safetensors files is left to the loader.
+
+    Raises:
+        UsageError: a file is truncated, or its header cannot be read; names the file and the fix.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError
+                header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise UsageError(f"{flag}: {file} is not a readable safetensors file (its header is damaged); copy or save it again") from None
+        if 8 + n + end > size:
+            raise UsageError(f"{flag}: {file} is truncated ({size:,} bytes, its header needs {8 + n + end:,}); copy or save it again")
 
 
 def prune_teacher(

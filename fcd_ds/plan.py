@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .checkpoint import auto_resume_action, check_output_dir, check_resume_layout, read_trainer_state
+from .checkpoint import auto_resume_action, check_checkpoint_files, check_output_dir, check_resume_layout, read_trainer_state
 from .data import TextCorpus
 from .distributed import world_size
-from .ds_config import load_ds_config, resolve_ds_config
+from .ds_config import load_ds_config, resolve_ds_config, validate_ds_config
 from .errors import UsageError
 from .layer_map import LayerPair, parse_layer_map
-from .models import check_same_tokenizer, kept_teacher_blocks, load_config, load_tokenizer, max_positions, pruned_student_config
+from .models import check_same_tokenizer, check_weight_files, kept_teacher_blocks, load_config, load_tokenizer, max_positions, pruned_student_config
 from .tasks import CausalLMTask, MaskedLMTask, SequenceClassificationTask, has_mlm_head, read_label_spec
 from .tasks.classification import load_raw
 
@@ -38,6 +38,7 @@ class RunPlan:
     data_args: object
     distill_args: object
     train_args: object
+    student_num_params: int = 0  # counted on a meta-device copy (sizes the checkpoint for the free-space check)
 
     def layout(self, world_size: int) -> dict:
         """What a checkpoint's data position and LR schedule count in (micro-batch, world size, sequence
@@ -144,6 +145,15 @@ def _check_minilm(distill_args, teacher_config, student_config, task) -> None:
             raise UsageError(f"{flag}: {exc}") from None
 
 
+def _num_params(task, config) -> int:
+    """Parameters of the task's model for ``config``, counted on the meta device (no memory, no weights)."""
+    import torch
+
+    with torch.device("meta"):
+        model = task.auto_class.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPlan:
     """Resolve the launcher's defaults and validate a run. Mutates ``model_args`` (default teacher and
     student depth) and ``data_args`` (default data paths).
@@ -157,8 +167,11 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
     """
     launcher.fill(model_args, data_args)
     ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args, launcher.micro_batch)
+    from deepspeed.accelerator import get_accelerator
+
+    validate_ds_config(ds_config, train_args.deepspeed_config, world_size(), get_accelerator().device_name())
     check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir,
-                     auto_resume=train_args.auto_resume)
+                     auto_resume=train_args.auto_resume, export_name=launcher.export_name)
 
     teacher = None if launcher.finetune else model_args.teacher
     remote = model_args.trust_remote_code
@@ -195,6 +208,9 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
                                            pruned_from, flag="--minilm_layer_map") if distill_args.uses_attention else [])
         if distill_args.uses_attention:
             _check_minilm(distill_args, teacher_config, student_config, task)
+    for flag, path in (("--teacher", teacher), ("--student" if teacher is not None else "--model_name_or_path", model_args.student)):
+        if path is not None:
+            check_weight_files(path, flag)
     models = (("--teacher", teacher_config), ("--student", student_config)) if teacher is not None else (("--model_name_or_path", student_config),)
     for flag, cfg in models:
         limit = max_positions(cfg)
@@ -217,6 +233,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         data_args=data_args,
         distill_args=distill_args,
         train_args=train_args,
+        student_num_params=_num_params(task, student_config),
     )
     if train_args.auto_resume:
         action = auto_resume_action(train_args.output_dir, plan.run_config())
@@ -224,4 +241,5 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         train_args.overwrite_output_dir = action == "restart"
     if train_args.resume:  # before any process starts: a checkpoint of another layout is refused here
         check_resume_layout(read_trainer_state(train_args.output_dir)["data_layout"], plan.layout(world_size()))
+        check_checkpoint_files(train_args.output_dir)
     return plan

@@ -6,7 +6,7 @@ four calls on a checked :class:`~fcd_ds.plan.RunPlan` (torchtune's recipe shape:
 Progress and state live in one :class:`TrainState`, saved as the DeepSpeed checkpoint's ``client_state``
 so that ``--resume`` continues with the losses an uninterrupted run would have given.
 
-Stops: a stop signal (SIGTERM, SIGUSR1) on any rank is agreed at every step boundary and after every
+Stops: a stop signal (SIGTERM, SIGUSR1, SIGINT) on any rank is agreed at every step boundary and after every
 evaluation batch (:mod:`fcd_ds.preemption`); the run saves a checkpoint of the last finished step and
 raises :class:`~fcd_ds.preemption.Preempted`. A non-finite training loss raises :class:`NonFiniteLoss`
 without saving. A launcher catches :data:`STOPS` and returns :func:`finish`'s exit status.
@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import UsageError
 from .preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, StopFlag
 
-__all__ = ["TrainState", "Job", "NonFiniteLoss", "STOPS", "setup", "train", "evaluate", "save", "usage_error", "finish", "exit_now"]
+__all__ = ["TrainState", "Job", "NonFiniteLoss", "OutputWriteError", "STOPS", "setup", "train", "evaluate", "save", "usage_error", "finish", "exit_now"]
 
 
 class NonFiniteLoss(Exception):
@@ -38,7 +38,27 @@ class NonFiniteLoss(Exception):
                          "lower --learning_rate, check the data, or resume from the checkpoint with other settings")
 
 
-STOPS = (UsageError, Preempted, NonFiniteLoss)  # what a launcher catches and hands to finish()
+class OutputWriteError(Exception):
+    """Writing to the output folder failed mid-run (disk full, folder made read-only, quota): one line
+    naming the file, the system's reason and what ``latest`` still names; the exit status is 1."""
+
+    def __init__(self, what: str, exc: Exception, latest: str | None, output_dir: Path):
+        kept = f"latest still names the complete {latest}" if latest else "no complete checkpoint was saved before it"
+        if isinstance(exc, OSError):
+            why = f"{exc.strerror or exc}: {exc.filename or '?'}"
+        else:  # torch.save's zip writer reports a short write as RuntimeError("... unexpected pos ...")
+            free = shutil.disk_usage(output_dir).free
+            why = f"torch.save: {str(exc).splitlines()[0]}; {free / 2**20:.1f} MiB left on the file system"
+        super().__init__(f"--output_dir: writing {what} failed ({why}); {kept}; free space or make the folder writable, then --resume")
+
+
+def _is_write_failure(exc: Exception) -> bool:
+    """An OSError, or the RuntimeError torch.save's zip writer (caffe2 inline_container.cc) raises when a write comes up short."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
+
+
+STOPS = (UsageError, Preempted, NonFiniteLoss, OutputWriteError)  # what a launcher catches and hands to finish()
 
 
 @dataclass
@@ -116,7 +136,8 @@ def setup(plan) -> Job:
     """Set host memory reuse (``--host_memory_reuse``, :mod:`fcd_ds.host_memory`), start the process group,
     tokenise the data (rank 0 first), build the engines, then resume from the latest checkpoint or measure
     the starting point, and only then write to the output folder.
-    SIGTERM and SIGUSR1 are caught from here on (:class:`~fcd_ds.preemption.StopFlag`).
+    SIGTERM, SIGUSR1 and SIGINT are caught from here on, and a launcher that exits makes the ranks stop
+    too (:class:`~fcd_ds.preemption.StopFlag`).
 
     Raises:
         UsageError: a problem found after the process group started (too little data for the batch,
@@ -132,18 +153,20 @@ def setup(plan) -> Job:
     from transformers import set_seed
 
     from .build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
-    from .checkpoint import check_resume_layout, clear_run_files, latest_tag, load_checkpoint, load_rank_state
+    from .checkpoint import check_resume_layout, latest_tag, load_checkpoint, load_rank_state
+    from .output_dir import claim, clear_run_files, run_entries
     from .data import eval_batches, make_micro_batches
     from .distributed import main_process_first, release_deepspeed_shm_buffer
     from .engine import DistillEngine
     from .host_memory import apply_host_memory_reuse
     from .metrics import MetricLogger, transformer_flops_per_token
 
-    stop = StopFlag().install()
+    stop = StopFlag().install().watch_launcher()  # a launcher that exits unsignalled (SIGINT to `deepspeed` alone) stops the ranks too
     host_memory = apply_host_memory_reuse(plan.train_args.host_memory_reuse, get_accelerator().device_name())  # before any data or engine
     deepspeed.init_distributed(timeout=timedelta(seconds=plan.train_args.ddp_timeout))  # HF's --ddp_timeout
     release_deepspeed_shm_buffer()  # DeepSpeed never frees it: see the function's docstring
     rank, world = dist.get_rank(), dist.get_world_size()
+    _lock_output_dir(plan)  # every rank has planned by now: a second run on this folder is refused here
     if rank != 0:
         import datasets
 
@@ -193,11 +216,14 @@ def setup(plan) -> Job:
                 state.metrics.update(_prefixed("teacher", distiller.evaluate("teacher", eval_set, check)))
             state.metrics.update(_prefixed("student", distiller.evaluate("student", eval_set, check), "_initial"))
 
-    # Output directory: only now, with every input and the checkpoint checked, is anything written.
+    # Output directory: only now, with every input and the checkpoint checked, is anything written; what
+    # --overwrite_output_dir removes is what the manifest records, and the run records its own names first.
     if rank == 0:
+        global _WROTE
+        _WROTE = True
         if t.overwrite_output_dir:
             clear_run_files(out)
-        out.mkdir(parents=True, exist_ok=True)
+        claim(out, run_entries(plan.launcher.export_name))
         for partial_save in (out / "checkpoints").glob("global_step*.tmp"):  # a save that died half-way
             shutil.rmtree(partial_save, ignore_errors=True)
         (out / "run_config.json").write_text(json.dumps(plan.run_config(world), indent=2))
@@ -217,6 +243,47 @@ def setup(plan) -> Job:
               f"{flops / 1e9:.2f} GFLOP per token of a step; host memory reuse {host_memory}", flush=True)
     return Job(plan, rank, world, out, distiller, micro_batches, eval_set, state, flops, teacher_shares, logger, stop,
                saved_step=state.step if t.resume else 0, threads=threads, matmul_tflops=matmul)
+
+
+_LOCK = None  # this process's OutputLock (rank 0), held until the process exits
+_WROTE = False  # whether this process has begun writing the output folder (after that the lock file stays)
+
+
+def _lock_output_dir(plan) -> None:
+    """Global rank 0 takes the output folder's run lock, checks the folder again under it (another run may
+    have started since planning) and that its file system has room for a checkpoint and the export; every
+    rank raises the same :class:`UsageError` when it fails. Collective.
+
+    Raises:
+        UsageError: another run holds the folder, it cannot be written, it changed since planning, or its
+            file system lacks the room (:func:`~fcd_ds.output_dir.check_free_space`).
+    """
+    import torch.distributed as dist
+
+    from .checkpoint import check_output_dir
+    from .output_dir import OutputLock, check_free_space
+
+    global _LOCK
+    t = plan.train_args
+    message = [None]
+    if dist.get_rank() == 0:
+        try:
+            _LOCK = OutputLock(t.output_dir).acquire()
+            check_output_dir(t.output_dir, resume=t.resume, overwrite=t.overwrite_output_dir, export_name=plan.launcher.export_name,
+                             holding_lock=True)
+            params = plan.student_num_params
+            check_free_space(t.output_dir, params * CHECKPOINT_BYTES_PER_PARAM,
+                             f"a checkpoint and the export of the {params / 1e6:.1f}M-parameter student ({CHECKPOINT_BYTES_PER_PARAM} bytes each)")
+        except UsageError as exc:
+            message[0] = str(exc)
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UsageError(message[0])
+
+
+# A checkpoint of an fp32 Adam run holds 16 bytes per student parameter (weights 4, fp32 master copy or
+# the module's own 4, exp_avg 4, exp_avg_sq 4); the exported student adds 4 (fp32 safetensors).
+CHECKPOINT_BYTES_PER_PARAM = 20
 
 
 def _measure_compute(ds_config: dict) -> tuple[int, float]:
@@ -256,8 +323,16 @@ def _save(job: Job) -> None:
     state = job.state
     state.data_position = job.micro_batches.position
     state.log_rows = job.logger.rows
-    save_checkpoint(job.distiller.student, job.out, state.step, asdict(state), job.plan.train_args.save_total_limit,
-                    rank_state=job.micro_batches.state_dict())
+    try:
+        save_checkpoint(job.distiller.student, job.out, state.step, asdict(state), job.plan.train_args.save_total_limit,
+                        rank_state=job.micro_batches.state_dict())
+    except (OSError, RuntimeError) as exc:  # the half-written global_step{N}.tmp is removed (frees the space); latest is untouched
+        if not _is_write_failure(exc):
+            raise
+        from .checkpoint import latest_tag
+
+        shutil.rmtree(job.out / "checkpoints" / f"global_step{state.step}.tmp", ignore_errors=True)
+        raise OutputWriteError(f"checkpoint global_step{state.step}", exc, latest_tag(job.out), job.out) from None
     job.saved_step = state.step
 
 
@@ -395,12 +470,21 @@ def save(job: Job, metrics: dict) -> dict:
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
     job.stop.check("export")
-    export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
-    job.logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)},
-                                     "eval/train_seconds": state.train_seconds})
-    job.logger.close()
+    from .checkpoint import latest_tag
+
+    try:
+        export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
+        job.logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)},
+                                         "eval/train_seconds": state.train_seconds})
+        job.logger.close()
+        if job.rank == 0:
+            (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        shutil.rmtree(job.out / f"{plan.launcher.export_name}.tmp", ignore_errors=True)
+        raise OutputWriteError(f"the {plan.launcher.export_name} export or metrics.json", exc, latest_tag(job.out), job.out) from None
     if job.rank == 0:
-        (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(json.dumps({k: v for k, v in metrics.items() if "_eval_" in k or k in ("train_tokens_per_second", "train_matmul_peak_fraction", "threads_per_rank", "steps")}))
     return metrics
 
@@ -408,19 +492,27 @@ def save(job: Job, metrics: dict) -> dict:
 def finish(code: int = 0, exc: Exception | None = None) -> int:
     """Report ``exc`` (if any) as one line on rank 0, destroy the process group, return the exit status:
     2 for a :class:`~fcd_ds.errors.UsageError` (as argparse), :data:`~fcd_ds.preemption.REQUEUE_EXIT_CODE`
-    (75) for :class:`~fcd_ds.preemption.Preempted` (a checkpoint is saved: requeue the job),
-    :data:`~fcd_ds.preemption.NONFINITE_EXIT_CODE` (3) for :class:`NonFiniteLoss`."""
+    (75) for :class:`~fcd_ds.preemption.Preempted` by SIGTERM or SIGUSR1 (a checkpoint is saved: requeue
+    the job), :data:`~fcd_ds.preemption.INTERRUPT_EXIT_CODE` (130) for one by SIGINT,
+    :data:`~fcd_ds.preemption.NONFINITE_EXIT_CODE` (3) for :class:`NonFiniteLoss`, 1 for
+    :class:`OutputWriteError` (printed by every rank that met it)."""
     import torch.distributed as dist
 
     from .distributed import is_main_process
 
     if isinstance(exc, UsageError):
         code = _report_usage(exc)
+        if _LOCK is not None and not _WROTE:
+            _LOCK.discard()  # bad input found after the lock was taken, before anything was written
     elif isinstance(exc, Preempted):
-        code = REQUEUE_EXIT_CODE
+        code = exc.exit_code
         if is_main_process():
-            print(f"preempted: {exc}; checkpoint saved, exit status {code} (requeue, then --resume or --auto_resume continues)",
+            then = "requeue, then --resume or --auto_resume continues" if code == REQUEUE_EXIT_CODE else "--resume or --auto_resume continues"
+            print(f"{'preempted' if code == REQUEUE_EXIT_CODE else 'interrupted'}: {exc}; checkpoint saved, exit status {code} ({then})",
                   file=sys.stderr, flush=True)
+    elif isinstance(exc, OutputWriteError):
+        code = 1
+        print(f"error: {exc}", file=sys.stderr, flush=True)  # on every rank that met it: the ranks may not write the same files
     elif isinstance(exc, NonFiniteLoss):
         code = NONFINITE_EXIT_CODE
         if is_main_process():

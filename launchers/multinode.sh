@@ -12,6 +12,7 @@
 #   deepspeed --hostfile <hostfile> --master_addr <first host> [--master_port $MASTER_PORT] $DEEPSPEED_ARGS \
 #       <launcher> <flags> --auto_resume
 # --auto_resume: rerunning the same command after a failure continues from the latest checkpoint.
+# Flags are quoted for the remote hosts' shells (see remote_word below).
 # Why a wrapper: DeepSpeed 0.19.8's runner answers a hostfile that names no host with a Python traceback,
 # and a hostfile path that does not exist with a warning and a run on the local machine alone.
 set -euo pipefail
@@ -47,11 +48,43 @@ for flag in "$@"; do
     esac
 done
 
+read -r -a extra <<<"${DEEPSPEED_ARGS:-}"
+for word in "${extra[@]}"; do
+    case $word in
+        --launcher=* | --launcher) [[ " ${extra[*]} " =~ \ --launcher[=\ ]pdsh\  ]] ||
+            die "DEEPSPEED_ARGS: launchers/multinode.sh quotes flags for DeepSpeed's pdsh launcher only; for another --launcher call deepspeed directly" ;;
+    esac
+done
+
+# The remote shell: with more than one host DeepSpeed's pdsh runner joins the launcher's flags into one
+# command line that each host's shell reads again, and quotes only flags that hold a space (as "...",
+# escaping only '"'; deepspeed/launcher/multinode_runner.py PDSHRunner.parse_user_args, 0.19.8). So every
+# flag is quoted here for that shell: single quotes when it holds no space, and inside DeepSpeed's double
+# quotes \, $ and ` escaped when it does. $(...), backticks and spaces then reach the launcher unchanged.
+# --force_multi keeps DeepSpeed on the pdsh path (where the quoting belongs) even if --include picks one host.
+remote_word() {
+    local w=$1
+    if [[ $w == *" "* ]]; then
+        w=${w//\\/\\\\}; w=${w//\$/\\\$}; w=${w//\`/\\\`}; printf '%s' "$w"
+    elif [[ $w =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then
+        printf '%s' "$w"
+    else
+        printf "'%s'" "${w//\'/\'\\\'\'}"
+    fi
+}
+[[ $launcher =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]] || die "launcher: '$launcher' holds characters a remote shell would read; use a path of letters, digits and ./_-"
+flags=("$@" --auto_resume)
+if [[ ${#hosts[@]} -gt 1 ]]; then
+    quoted=()
+    for flag in "${flags[@]}"; do quoted+=("$(remote_word "$flag")"); done
+    flags=("${quoted[@]}")
+    extra+=(--force_multi)
+fi
+
 cmd=(deepspeed --hostfile "$hostfile" --master_addr "${hosts[0]}")
 [[ -n ${MASTER_PORT:-} ]] && cmd+=(--master_port "$MASTER_PORT")
-read -r -a extra <<<"${DEEPSPEED_ARGS:-}"
 cmd+=("${extra[@]}")
-cmd+=("$launcher" "$@" --auto_resume)
+cmd+=("$launcher" "${flags[@]}")
 if [[ ${FCD_DS_DRY_RUN:-0} == 1 ]]; then
     echo "hosts: ${hosts[*]} (${#hosts[@]} nodes, $slots ranks)"
     printf '%q ' "${cmd[@]}"

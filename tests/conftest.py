@@ -87,6 +87,17 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def finished_run(tiny_models, corpus, tmp_path_factory) -> Path:
+    """A complete 1-rank, 2-step run of the tiny GPT-2 pair (checkpoint global_step2, export, manifest):
+    tests copy it before changing anything in it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert_ok(run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--train_file", corpus["train"],
+                            "--validation_file", corpus["valid"], "--max_seq_length", 32, "--per_device_train_batch_size", 2,
+                            "--max_steps", 2, "--max_eval_samples", 4, "--output_dir", out], ranks=1))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LAUNCHER, run_plain, snapshot
+from fcd_ds.output_dir import claim
 
 spec = importlib.util.spec_from_file_location("distill_gpt", LAUNCHER)
 distill_gpt = importlib.util.module_from_spec(spec)
@@ -100,6 +101,7 @@ def test_output_dir_with_another_runs_checkpoints_is_left_alone(base_args, capsy
     (out / "checkpoints" / "global_step7" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     (out / "metrics.json").write_text(json.dumps({"steps": 7}))
     (out / "my_notes.txt").write_text("mine")
+    claim(out, ["checkpoints", "metrics.json"])  # as that run recorded them
     before = snapshot(out)
     code, err = run_main(base_args, capsys)
     assert code == 2 and len(err) == 1
@@ -136,6 +138,7 @@ def test_auto_resume_refuses_another_run_and_restarts_an_attempt_without_checkpo
     (out / "run_config.json").write_text(json.dumps(plan.run_config(2)))
     (out / "train_log.jsonl").write_text('{"step": 1}\n')
     (out / "my_notes.txt").write_text("mine")
+    claim(out, ["run_config.json", "train_log.jsonl", "checkpoints"])  # an earlier attempt of fcd_ds recorded its names
     before = snapshot(out)
     code, err = run_main(base_args + ["--auto_resume", "--learning_rate", "1e-3", "--kd_weight", "0.5"], capsys)
     assert code == 2 and len(err) == 1 and snapshot(out) == before
@@ -150,3 +153,101 @@ def test_auto_resume_refuses_another_run_and_restarts_an_attempt_without_checkpo
     assert again.train_args.resume and not again.train_args.overwrite_output_dir
     code, err = run_main(base_args + ["--auto_resume", "--resume"], capsys)
     assert code == 2 and err == ["error: --resume and --auto_resume contradict each other; pass one"]
+
+
+# --- bad input that used to be found late (issue 19): each is one line at plan time now ---------------
+
+def _ds_json(tmp_path, **extra) -> Path:
+    path = tmp_path / "ds.json"
+    cfg = json.loads((Path(LAUNCHER).parents[1] / "ds_configs" / "zero2.json").read_text())
+    for key, value in extra.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            cfg[section][sub] = value
+        else:
+            cfg[section] = value
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"zero_optimization__overlap_com": True}, "DeepSpeed refuses {path}: 1 validation error for DeepSpeedZeroConfig; overlap_com; Extra inputs are not permitted"),
+    ({"zero_optimisation": {"stage": 2}}, "{path} has top-level key(s) ['zero_optimisation'] that DeepSpeed does not read"),
+    ({"fp16": {"enabled": True}}, "fp16 is enabled in {path}, and the CPU accelerator trains in fp32 or bf16 only"),
+    ({"train_batch_size": 64}, "train_batch_size 64 in {path} is not micro-batch 4 x gradient accumulation 1 x 1 rank(s) = 4"),
+])
+def test_a_deepspeed_json_deepspeed_would_refuse_is_refused_at_plan_time(extra, message, base_args, capsys, tmp_path):
+    path = _ds_json(tmp_path, **extra)
+    code, err = run_main(base_args + ["--deepspeed_config", path, "--per_device_train_batch_size", 4], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --deepspeed_config: {message.format(path=path)}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_teacher_safetensors_is_refused_before_pruning(base_args, tiny_models, capsys, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_models["gpt2_teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)  # a copy cut off half-way
+    args = [str(teacher) if str(a) == str(tiny_models["gpt2_teacher"]) else a for a in base_args]
+    code, err = run_main(args, capsys)
+    assert code == 2 and err == [f"error: --teacher: {weights} is truncated ({size // 2:,} bytes, its header needs {size:,}); copy or save it again"]
+
+
+def test_latest_naming_a_missing_folder_names_the_newest_complete_checkpoint(base_args, capsys, tmp_path):
+    out = tmp_path / "out"
+    for step in (2, 4):
+        (out / "checkpoints" / f"global_step{step}").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("global_step6")  # step 6's folder was deleted by hand
+    claim(out, ["checkpoints"])
+    before = snapshot(out)
+    code, err = run_main(base_args + ["--resume"], capsys)
+    latest = out / "checkpoints" / "latest"
+    assert code == 2 and err == [f"error: --resume: {latest} names 'global_step6', which does not exist; the newest complete one is "
+                                 f"global_step4: write that name into {latest}, or drop --resume to start a new run"]
+    assert snapshot(out) == before
+
+
+def _csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("train, valid, message", [
+    (("text,label", ["good film,1", "bad film,0", "fine film,", "dull film,0"]), None,
+     "--label_column: 1 row(s) of the train data have no label (the first: row 2); fill them or drop those rows"),
+    (("text,label", ["good film,1", ",0", "dull film,0"]), None,
+     "--text_column: 1 row(s) of the train data have an empty 'text' (the first: row 1); fill them or drop those rows"),
+    (("text,label", ["good film,1", "   ,0", "dull film,0"]), None,
+     "--text_column: 1 row(s) of the train data have an empty 'text' (the first: row 1); fill them or drop those rows"),
+    (("text,stars", ["good film,1", "bad film,0"]), ("text,label", ["ok,1", "meh,0"]),
+     "--label_column: no column 'label' in the train data (columns: text, stars); pass --label_column NAME"),
+])
+def test_empty_cells_and_missing_columns_of_a_classification_csv(train, valid, message, tmp_path):
+    from fcd_ds.config import DataArguments
+    from fcd_ds.errors import UsageError
+    from fcd_ds.tasks.classification import load_raw, read_label_spec
+
+    files = {"train_file": str(_csv(tmp_path / "train.csv", train[0], train[1]))}
+    if valid:
+        files["validation_file"] = str(_csv(tmp_path / "valid.csv", valid[0], valid[1]))
+    args = DataArguments(task="sequence_classification", **files)
+    with pytest.raises(UsageError) as caught:
+        read_label_spec(load_raw(args), args)
+    assert str(caught.value) == message
+
+
+def test_integer_labels_read_as_floats_keep_their_integer_class_names(tmp_path):
+    """A 0/1 column that pandas reads as float in one file (a missing cell elsewhere, filled since) and as
+    int in the other gives the classes '0' and '1', not '0.0', '1.0' and '0', '1'."""
+    from fcd_ds.config import DataArguments
+    from fcd_ds.tasks.classification import load_raw, read_label_spec
+
+    train = _csv(tmp_path / "train.csv", "text,label", ["good film,1.0", "bad film,0.0", "dull film,0.0"])
+    valid = _csv(tmp_path / "valid.csv", "text,label", ["ok film,1", "meh film,0"])
+    args = DataArguments(task="sequence_classification", train_file=str(train), validation_file=str(valid))
+    spec = read_label_spec(load_raw(args), args)
+    assert spec.names == ("0", "1") and not spec.is_regression

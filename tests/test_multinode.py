@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -52,8 +53,8 @@ def test_command_line_for_two_nodes_of_eight_gpus(tmp_path):
     assert lines[0] == "hosts: gpu-a gpu-b (2 nodes, 16 ranks)"
     words = lines[1].split()
     assert words[:5] == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu-a"]
-    assert words[5:8] == ["--master_port", result.args_port, "--no_ssh_check"] and words[8:] == ["launchers/distill_gpt.py", "--deepspeed_config", "ds_configs/zero3.json",
-                                                          "--output_dir", "/shared/out/run1", "--auto_resume"]
+    assert words[5:9] == ["--master_port", result.args_port, "--no_ssh_check", "--force_multi"]
+    assert words[9:] == ["launchers/distill_gpt.py", "--deepspeed_config", "ds_configs/zero3.json", "--output_dir", "/shared/out/run1", "--auto_resume"]
     refused = multinode(hostfile, "--overwrite_output_dir", dry=True)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --overwrite_output_dir:")
 
@@ -74,3 +75,34 @@ def test_a_one_host_hostfile_runs_and_a_rerun_auto_resumes(tiny_models, corpus, 
     assert again.returncode == 0, again.stderr[-4000:]
     assert [r["step"] for r in read_train_log(out)] == [1, 2]
     assert json.loads((out / "metrics.json").read_text())["student_eval_loss"] == pytest.approx(metrics["student_eval_loss"], abs=1e-6)
+
+
+def _remote_words(user_args: list[str]) -> list[str]:
+    """What each host's shell makes of the launcher's flags on DeepSpeed's pdsh path: DeepSpeed's own
+    PDSHRunner.parse_user_args, joined with spaces as pdsh sends them, read back by a real bash."""
+    from types import SimpleNamespace
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    line = " ".join(PDSHRunner(SimpleNamespace(user_args=user_args, user_script="x", launcher_args=""), "").parse_user_args())
+    out = subprocess.run(["bash", "-c", "printf '%s\\0' " + line], capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout
+    return out.split("\0")[:-1]
+
+
+def test_flags_reach_every_remote_host_unchanged_and_nothing_in_them_runs(tmp_path):
+    import shlex
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu-a slots=8\ngpu-b slots=8\n")
+    marker = tmp_path / "ran"
+    flags = ["--output_dir", f"{tmp_path}/out dir/$(touch {marker})", "--train_file", f"`touch {marker}`.jsonl",
+             "--validation_file", f"it's \"q\" \\ $HOME;touch {marker}", "--text_column", "plain", "--run_name", "a|b&c>d"]
+    result = multinode(hostfile, *flags, dry=True)
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.strip().splitlines()[1])  # the runner's argv, as the dry run prints it
+    user_args = argv[argv.index("launchers/distill_gpt.py") + 1:]
+    assert _remote_words(user_args) == [*flags, "--auto_resume"]
+    assert not marker.exists()
+    # without the quoting (the flags as DeepSpeed's runner would get them unquoted) the remote shell runs them
+    _remote_words(flags[:-2])
+    assert marker.exists()

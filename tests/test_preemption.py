@@ -19,6 +19,7 @@ import pytest
 from conftest import LAUNCHER, REPO, assert_ok, free_port, read_train_log, run_launcher, snapshot, tiny_config
 from fcd_ds.checkpoint import checkpoint_steps, latest_tag
 from fcd_ds.config import DS_CONFIG_DIR
+from fcd_ds.output_dir import claim
 from fcd_ds.preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
 STEPS = 14
@@ -184,9 +185,12 @@ def test_resume_without_a_checkpoint_and_a_half_written_latest_are_refused(tiny_
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("global_step8")
     (out / "checkpoints" / "global_step8.tmp").mkdir()
+    claim(out, ["checkpoints"])  # as the run that wrote it recorded it
     before = snapshot(out)
     result = run_launcher([*args(tiny_models["gpt2_teacher"], corpus, out, DS_CONFIG_DIR / "zero2.json"), "--resume"], ranks=1)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: --resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start a new run"]
+    latest = out / "checkpoints" / "latest"
+    assert errors == [f"error: --resume: {latest} names 'global_step8', which does not exist; no complete checkpoint is left, "
+                      "or drop --resume to start a new run"]
     assert snapshot(out) == before and "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_ok, run_launcher, run_plain, snapshot
+from conftest import run_launcher, run_plain, snapshot
 
 
 class _Payload:
@@ -29,19 +29,10 @@ def _plant(path: Path, marker: Path) -> None:
     torch.save({"python": _Payload(marker)}, path)  # a file torch.load(weights_only=False) would execute
 
 
-@pytest.fixture(scope="module")
-def checkpointed_run(tiny_models, corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("planted") / "run"
-    assert_ok(run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student_num_layers", 2, "--train_file", corpus["train"],
-                            "--validation_file", corpus["valid"], "--max_seq_length", 32, "--per_device_train_batch_size", 2,
-                            "--max_steps", 2, "--max_eval_samples", 4, "--output_dir", out], ranks=1))
-    return out
-
-
 @pytest.mark.parametrize("target", ["rng_state_rank0.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"])
-def test_a_pickle_planted_in_a_checkpoint_never_runs(checkpointed_run, tiny_models, corpus, tmp_path, target):
+def test_a_pickle_planted_in_a_checkpoint_never_runs(finished_run, tiny_models, corpus, tmp_path, target):
     out = tmp_path / "run"
-    shutil.copytree(checkpointed_run, out)
+    shutil.copytree(finished_run, out)
     marker = tmp_path / "marker"
     planted = out / "checkpoints" / "global_step2" / target
     _plant(planted, marker)

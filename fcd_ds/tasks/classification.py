@@ -74,6 +74,37 @@ def text_columns(data_args) -> tuple[str, str | None]:
     return data_args.text_column or "text", data_args.text_pair_column
 
 
+def label_name(value) -> str:
+    """A label's class name: integral floats as integers (a CSV column of 0/1 read as float64 because of
+    a missing cell elsewhere names its classes ``0`` and ``1``, as the same column read as int64)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _check_cells(ds, split: str, text_columns: list, label: tuple) -> None:
+    """Refuse empty cells (null, or an empty or blank text) in the text columns and null labels, with
+    their count and the first row. Reads the Arrow columns (no Python rows).
+
+    Raises:
+        UsageError: names the flag, the split, the count and the first row (0-based, as datasets counts).
+    """
+    import pyarrow.compute as pc
+
+    for flag, col in [*text_columns, label]:
+        if col is None:
+            continue
+        column = ds.data.column(col)
+        bad = pc.is_null(column)
+        if flag != "--label_column" and (column.type == "string" or column.type == "large_string"):
+            bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True)  # null cells count as empty
+        count = pc.sum(bad).as_py() or 0
+        if count:
+            first = pc.index(bad, True).as_py()
+            what = "no label" if flag == "--label_column" else f"an empty {col!r}"
+            raise UsageError(f"{flag}: {count} row(s) of the {split} data have {what} (the first: row {first}); fill them or drop those rows")
+
+
 def read_label_spec(raw, data_args) -> LabelSpec:
     """Label names (or regression) from the train split; checks columns and validation labels.
 
@@ -88,16 +119,18 @@ def read_label_spec(raw, data_args) -> LabelSpec:
         for flag, col in (("--text_column", text), ("--text_pair_column", pair), ("--label_column", label)):
             if col is not None and col not in columns:
                 raise UsageError(f"{flag}: no column {col!r} in the {split} data (columns: {', '.join(columns)}); pass {flag} NAME")
+    for split in ("train", "validation"):
+        _check_cells(raw[split], split, [("--text_column", text), ("--text_pair_column", pair)], ("--label_column", label))
     feature = raw["train"].features[label]
     if hasattr(feature, "names"):  # datasets.ClassLabel (hub datasets such as GLUE)
         return LabelSpec(tuple(feature.names), False)
     values = raw["train"].unique(label)
     if all(isinstance(v, float) for v in values) and not all(float(v).is_integer() for v in values):
         return LabelSpec((), True)
-    names = tuple(sorted(str(v) for v in values))
+    names = tuple(sorted(label_name(v) for v in values))
     if len(names) < 2:
         raise UsageError(f"--label_column: {label!r} has a single value {names}; a classifier needs 2 or more classes")
-    unseen = sorted({str(v) for v in raw["validation"].unique(label)} - set(names))
+    unseen = sorted({label_name(v) for v in raw["validation"].unique(label)} - set(names))
     if unseen:
         raise UsageError(f"--validation_file: labels {unseen} do not occur in the training data; fix the files")
     return LabelSpec(names, False)
@@ -143,7 +176,7 @@ class SequenceClassificationTask:
             elif hasattr(feature, "names"):
                 enc["labels"] = list(batch[label])
             else:
-                enc["labels"] = [ids[str(v)] for v in batch[label]]
+                enc["labels"] = [ids[label_name(v)] for v in batch[label]]
             return enc
 
         out = []
