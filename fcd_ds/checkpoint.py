@@ -286,7 +286,7 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optio
 
 
 # Flags that say how to start, not what the run is: they may differ between attempts of one run.
-_START_FLAGS = ("resume", "auto_resume", "overwrite_output_dir", "local_rank")
+_START_FLAGS = ("resume", "auto_resume", "overwrite_output_dir", "local_rank", "config")  # a recipe and the same flags typed out are one run
 
 
 def comparable_run_config(run_config: dict) -> dict:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -320,6 +321,7 @@ class TrainArguments:
     dataloader_prefetch_factor: int | None = field(default=None, metadata={"help": "Batches each DataLoader worker prepares ahead (HF's name; torch's default 2 with workers)."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a collective (a barrier while another rank tokenises, say) may wait before the process group gives up (HF's name and default)."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+    config: str | None = field(default=None, metadata={"help": "Recipe file (YAML or JSON) holding any of these flags by name, flat or in the model/data/distill/train groups of a run_config.json; flags on the command line override it, and a finished run's run_config.json given back reproduces the run."})
 
     def __post_init__(self):
         _finite(self)
@@ -354,6 +356,77 @@ def unknown_flags_message(parser, unknown: list[str]) -> str:
     return f"unknown argument(s) {' '.join(unknown)}; see --help for the flags{hint}"
 
 
+# Keys of a run_config.json that record the run rather than set a flag, and flags that say how to start
+# an attempt rather than what the run is: a recipe's values for them are not applied.
+_RECORD_KEYS = ("launcher", "task", "layer_map", "world_size", "deepspeed_config")
+_NOT_FROM_RECIPE = ("resume", "auto_resume", "overwrite_output_dir", "local_rank", "config")
+_GROUPS = ("model", "data", "distill", "train")
+
+
+def read_recipe(path: str, known: set[str]) -> dict:
+    """The flag values a recipe file sets: a YAML (``yaml.safe_load``: no tags that build objects) or JSON
+    mapping of flag names to values, either flat or grouped as in ``run_config.json`` (``model``,
+    ``data``, ``distill``, ``train``; its record keys ``launcher``, ``task``, ``world_size`` and the
+    resolved ``deepspeed_config`` are not flags and are left out when grouped). The start flags
+    (``--resume``, ``--auto_resume``, ``--overwrite_output_dir``, ``--local_rank``, ``--config``) are
+    never taken from a recipe. As ``trl``'s and torchtune's ``--config``: the file sets defaults, the
+    command line wins.
+
+    Raises:
+        UsageError: the file is missing, unreadable, not a mapping, or names a key that is no flag of
+            this launcher (with the closest flag names).
+    """
+    import difflib
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config: {path} does not exist; pass a YAML or JSON recipe (see recipes/)")
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"--config: cannot read {path} ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: {path} must hold a mapping of flag names to values, got {type(data).__name__}")
+    if any(isinstance(data.get(g), dict) for g in _GROUPS):  # a run_config.json: its groups hold the flags
+        flat = {}
+        finetune = "model_name_or_path" in known  # launchers/finetune_teacher.py records its model as the student
+        for group in _GROUPS:
+            if finetune and group == "distill":
+                continue  # the task loss alone: no distillation flags
+            flat.update(data.get(group) or {})
+        if finetune and "student" in flat:
+            flat["model_name_or_path"] = flat.pop("student")
+            for key in ("teacher", "student_config", "student_num_layers"):
+                flat.pop(key, None)
+        extra = [k for k in data if k not in _GROUPS and k not in _RECORD_KEYS]
+        data = {**flat, **{k: data[k] for k in extra}}
+    values = {k.lstrip("-"): v for k, v in data.items()}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        close = [c for k in unknown for c in difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.6)]
+        hint = f" (closest: {', '.join(dict.fromkeys(close))})" if close else ""
+        raise UsageError(f"--config: {path} sets {', '.join(unknown)}, which this launcher has no flag for{hint}; fix or remove them")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if k not in _NOT_FROM_RECIPE}
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config FILE`` or ``--config=FILE``), or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, finetune: bool = False):
     """Parse the command line into ``(ModelArguments, DataArguments, DistillArguments, TrainArguments)``.
 
@@ -375,6 +448,10 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, *, f
     parser = HfArgumentParser(groups, allow_abbrev=False)  # --resum is not --resume: flags are exact
     if defaults:
         parser.set_defaults(**defaults)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = _config_path(argv)
+    if recipe is not None:  # under the command line: argparse uses a default only where no flag is given
+        parser.set_defaults(**read_recipe(recipe, {a.dest for a in parser._actions}))
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UsageError(unknown_flags_message(parser, unknown))

@@ -3,6 +3,7 @@
 #
 #   launchers/multinode.sh hostfile launchers/distill_gpt.py --deepspeed_config ds_configs/zero3.json \
 #       --output_dir /shared/out/run1 --save_steps 500
+#   launchers/multinode.sh hostfile --module fcd_ds.launchers.distill_gpt ...        # an installed fcd_ds
 #   FCD_DS_DRY_RUN=1 launchers/multinode.sh hostfile launchers/distill_gpt.py ...   # print the command only
 #   DEEPSPEED_ARGS="--include node1:0,1@node2 --no_ssh_check" launchers/multinode.sh ...  # more runner flags
 #
@@ -19,12 +20,20 @@ set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
 
-[[ $# -ge 2 ]] || die "usage: launchers/multinode.sh HOSTFILE LAUNCHER [FLAGS...]; e.g. launchers/multinode.sh hostfile launchers/distill_gpt.py --output_dir out/run1"
+[[ $# -ge 2 ]] || die "usage: launchers/multinode.sh HOSTFILE LAUNCHER|--module NAME [FLAGS...]; e.g. launchers/multinode.sh hostfile launchers/distill_gpt.py --output_dir out/run1"
 hostfile=$1
 launcher=$2
 shift 2
+module=()
+if [[ $launcher == --module ]]; then  # an installed fcd_ds: --module fcd_ds.launchers.distill_gpt (DeepSpeed's --module)
+    [[ $# -ge 1 && $1 =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
+        die "--module: give a module name, e.g. --module fcd_ds.launchers.distill_gpt"
+    module=(--module)
+    launcher=$1
+    shift
+fi
 [[ -f $hostfile ]] || die "hostfile: $hostfile does not exist; write one line per host, '<host> slots=<GPUs>'"
-[[ -f $launcher ]] || die "launcher: $launcher does not exist; pass a script such as launchers/distill_gpt.py"
+[[ ${#module[@]} -gt 0 || -f $launcher ]] || die "launcher: $launcher does not exist; pass a script such as launchers/distill_gpt.py, or --module fcd_ds.launchers.distill_gpt"
 
 hosts=()
 slots=0
@@ -83,7 +92,7 @@ fi
 
 cmd=(deepspeed --hostfile "$hostfile" --master_addr "${hosts[0]}")
 [[ -n ${MASTER_PORT:-} ]] && cmd+=(--master_port "$MASTER_PORT")
-cmd+=("${extra[@]}")
+cmd+=("${extra[@]}" "${module[@]}")
 cmd+=("$launcher" "${flags[@]}")
 if [[ ${FCD_DS_DRY_RUN:-0} == 1 ]]; then
     echo "hosts: ${hosts[*]} (${#hosts[@]} nodes, $slots ranks)"

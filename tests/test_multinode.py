@@ -55,6 +55,14 @@ def test_command_line_for_two_nodes_of_eight_gpus(tmp_path):
     assert words[:5] == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu-a"]
     assert words[5:9] == ["--master_port", result.args_port, "--no_ssh_check", "--force_multi"]
     assert words[9:] == ["launchers/distill_gpt.py", "--deepspeed_config", "ds_configs/zero3.json", "--output_dir", "/shared/out/run1", "--auto_resume"]
+    # the module form (an installed fcd_ds): DeepSpeed's --module before the module name
+    port = str(free_port())
+    module = subprocess.run(["bash", str(SCRIPT), str(hostfile), "--module", "fcd_ds.launchers.distill_gpt", "--output_dir", "/shared/out/run1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "FCD_DS_DRY_RUN": "1", "MASTER_PORT": port, "DEEPSPEED_ARGS": ""})
+    assert module.returncode == 0, module.stderr
+    assert module.stdout.strip().splitlines()[1].split()[5:] == ["--master_port", port, "--force_multi", "--module", "fcd_ds.launchers.distill_gpt",
+                                                                 "--output_dir", "/shared/out/run1", "--auto_resume"]
     refused = multinode(hostfile, "--overwrite_output_dir", dry=True)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --overwrite_output_dir:")
 

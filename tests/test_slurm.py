@@ -234,6 +234,14 @@ def test_dry_run_prints_the_two_nodes_by_eight_gpus_command(cluster):
                           env={**os.environ, "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NTASKS": "16"},
                           capture_output=True, text=True)
     assert task.stdout.split() == ["9", "1", "1", "16"]
+    # the module form (an installed fcd_ds): each rank runs python3 -m NAME
+    fake = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_NTASKS": "16",
+            "SLURM_NTASKS_PER_NODE": "8", "FCD_DS_DRY_RUN": "1"}
+    module = subprocess.run(["bash", TEMPLATE, "--module", "fcd_ds.launchers.distill_gpt", "--output_dir", "out/run 1"],
+                            cwd=REPO, env={**cluster.env, **fake}, capture_output=True, text=True, timeout=60)
+    assert module.returncode == 0, module.stderr
+    assert shlex.split(module.stdout.splitlines()[-1])[9:] == ["fcd_ds_rank", "python3", "-m", "fcd_ds.launchers.distill_gpt",
+                                                                "--output_dir", "out/run 1", "--auto_resume"]
     # GPUS_PER_NODE without the matching --ntasks-per-node: one line naming the sbatch flags
     bad = dry_run(cluster, GPUS_PER_NODE="4")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
