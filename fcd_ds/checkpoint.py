@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import START_FLAGS  # flags that may differ between attempts of one run (a recipe and the same flags typed out are one run)
 from .errors import UsageError
-from .output_dir import foreign_entries, has_run, lock_holder, run_entries
+from .output_dir import foreign_entries, has_run, lock_holder, run_entries, write_atomic
 from .safe_load import install_safe_checkpoint_engine, safe_torch_load
 
 __all__ = [
@@ -182,12 +183,6 @@ def _set_rng_state(state: dict) -> None:
         deepspeed.checkpointing.get_cuda_rng_tracker().set_states(state["deepspeed_checkpointing"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 TRAINER_STATE = "trainer_state.json"  # the client_state as JSON, readable before any process group starts
 
 
@@ -239,7 +234,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
         if final.exists():  # the same step saved again (a run resumed after its last save)
             shutil.rmtree(final)
         tmp.rename(final)
-        _write_atomic(ckpt / "latest", tag)
+        write_atomic(ckpt / "latest", tag)
         if save_total_limit:
             for old in checkpoint_steps(output_dir)[:-save_total_limit]:
                 if old != step:
@@ -285,8 +280,6 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optio
     return {k: client_state[k] for k in keys if k in client_state}
 
 
-# Flags that say how to start, not what the run is: they may differ between attempts of one run.
-_START_FLAGS = ("resume", "auto_resume", "overwrite_output_dir", "local_rank", "config")  # a recipe and the same flags typed out are one run
 
 
 def comparable_run_config(run_config: dict) -> dict:
@@ -294,7 +287,7 @@ def comparable_run_config(run_config: dict) -> dict:
     train arguments, without the start flags ``--resume``, ``--auto_resume``, ``--overwrite_output_dir``),
     as JSON values (tuples become lists)."""
     keep = {k: run_config.get(k) for k in ("launcher", "task", "model", "data", "distill", "train")}
-    keep["train"] = {k: v for k, v in (keep["train"] or {}).items() if k not in _START_FLAGS}
+    keep["train"] = {k: v for k, v in (keep["train"] or {}).items() if k not in START_FLAGS}
     return json.loads(json.dumps(keep))
 
 

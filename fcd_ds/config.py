@@ -24,6 +24,8 @@ __all__ = [
     "FCD_STACK_PAIRS",
     "TrainArguments",
     "parse_args",
+    "read_recipe",
+    "START_FLAGS",
     "unknown_flags_message",
     "DS_CONFIG_DIR",
     "DEFAULT_DS_CONFIG",
@@ -359,7 +361,7 @@ def unknown_flags_message(parser, unknown: list[str]) -> str:
 # Keys of a run_config.json that record the run rather than set a flag, and flags that say how to start
 # an attempt rather than what the run is: a recipe's values for them are not applied.
 _RECORD_KEYS = ("launcher", "task", "layer_map", "world_size", "deepspeed_config")
-_NOT_FROM_RECIPE = ("resume", "auto_resume", "overwrite_output_dir", "local_rank", "config")
+START_FLAGS = ("resume", "auto_resume", "overwrite_output_dir", "local_rank", "config")  # how an attempt starts, not what the run is
 _GROUPS = ("model", "data", "distill", "train")
 
 
@@ -414,7 +416,7 @@ def read_recipe(path: str, known: set[str]) -> dict:
         close = [c for k in unknown for c in difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.6)]
         hint = f" (closest: {', '.join(dict.fromkeys(close))})" if close else ""
         raise UsageError(f"--config: {path} sets {', '.join(unknown)}, which this launcher has no flag for{hint}; fix or remove them")
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if k not in _NOT_FROM_RECIPE}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if k not in START_FLAGS}
 
 
 def _config_path(argv: list[str]) -> str | None:

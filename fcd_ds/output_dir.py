@@ -36,7 +36,7 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = ["MANIFEST", "LOCK_FILE", "RUN_FILES", "run_entries", "read_manifest", "has_run", "foreign_entries", "claim",
-           "clear_run_files", "lock_holder", "OutputLock", "check_free_space"]
+           "clear_run_files", "lock_holder", "OutputLock", "check_free_space", "write_atomic"]
 
 MANIFEST = "fcd_ds_manifest.json"
 LOCK_FILE = ".fcd_ds.lock"
@@ -82,7 +82,8 @@ def foreign_entries(output_dir: str | Path, names) -> list[str]:
     return [n for n in names if os.path.lexists(out / n) and (n not in own or (out / n).is_symlink())]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path.tmp`` and rename it over ``path`` (a reader sees the old file or the new one)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -94,7 +95,7 @@ def claim(output_dir: str | Path, names) -> None:
 
     out = Path(output_dir)
     entries = sorted(set(read_manifest(out)) | set(names))
-    _write_atomic(out / MANIFEST, json.dumps({"written_by": f"fcd_ds {__version__}", "entries": entries}, indent=2))
+    write_atomic(out / MANIFEST, json.dumps({"written_by": f"fcd_ds {__version__}", "entries": entries}, indent=2))
 
 
 def clear_run_files(output_dir: str | Path) -> None:
@@ -115,7 +116,7 @@ def clear_run_files(output_dir: str | Path) -> None:
         elif path.exists():
             path.unlink()
     if entries:
-        _write_atomic(out / MANIFEST, json.dumps({"entries": []}))
+        write_atomic(out / MANIFEST, json.dumps({"entries": []}))
 
 
 def _describe(holder: str) -> str:

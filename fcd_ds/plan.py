@@ -18,7 +18,7 @@ from .models import check_same_tokenizer, check_weight_files, kept_teacher_block
 from .tasks import CausalLMTask, MaskedLMTask, SequenceClassificationTask, has_mlm_head, read_label_spec
 from .tasks.classification import load_raw
 
-__all__ = ["RunPlan", "plan_run"]
+__all__ = ["RunPlan", "plan_run", "student_num_params"]
 
 
 @dataclass
@@ -38,7 +38,6 @@ class RunPlan:
     data_args: object
     distill_args: object
     train_args: object
-    student_num_params: int = 0  # counted on a meta-device copy (sizes the checkpoint for the free-space check)
 
     def layout(self, world_size: int) -> dict:
         """What a checkpoint's data position and LR schedule count in (micro-batch, world size, sequence
@@ -145,7 +144,7 @@ def _check_minilm(distill_args, teacher_config, student_config, task) -> None:
             raise UsageError(f"{flag}: {exc}") from None
 
 
-def _num_params(task, config) -> int:
+def student_num_params(task, config) -> int:
     """Parameters of the task's model for ``config``, counted on the meta device (no memory, no weights)."""
     import torch
 
@@ -233,7 +232,6 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         data_args=data_args,
         distill_args=distill_args,
         train_args=train_args,
-        student_num_params=_num_params(task, student_config),
     )
     if train_args.auto_resume:
         action = auto_resume_action(train_args.output_dir, plan.run_config())

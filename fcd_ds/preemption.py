@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -129,7 +130,7 @@ class StopFlag:
 
         def watch():
             while _alive(chain):
-                threading.Event().wait(interval_s)
+                time.sleep(interval_s)
             if self.received is None:
                 rank = dist.get_rank() if dist.is_initialized() else 0
                 print(f"rank {rank}: the process that launched it (pid {chain[-1][0]}) has exited; stopping at the next step "

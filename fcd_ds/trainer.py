@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -56,6 +57,21 @@ def _is_write_failure(exc: Exception) -> bool:
     """An OSError, or the RuntimeError torch.save's zip writer (caffe2 inline_container.cc) raises when a write comes up short."""
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
         s in str(exc) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
+
+
+@contextmanager
+def _writing(what: str, partial: Path, output_dir: Path):
+    """Turn a write failure inside the block into :class:`OutputWriteError` (other errors pass through),
+    after removing ``partial``, the half-written folder (frees the space; ``latest`` is untouched)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        from .checkpoint import latest_tag
+
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputWriteError(what, exc, latest_tag(output_dir), output_dir) from None
 
 
 STOPS = (UsageError, Preempted, NonFiniteLoss, OutputWriteError)  # what a launcher catches and hands to finish()
@@ -262,6 +278,7 @@ def _lock_output_dir(plan) -> None:
 
     from .checkpoint import check_output_dir
     from .output_dir import OutputLock, check_free_space
+    from .plan import student_num_params
 
     global _LOCK
     t = plan.train_args
@@ -271,7 +288,7 @@ def _lock_output_dir(plan) -> None:
             _LOCK = OutputLock(t.output_dir).acquire()
             check_output_dir(t.output_dir, resume=t.resume, overwrite=t.overwrite_output_dir, export_name=plan.launcher.export_name,
                              holding_lock=True)
-            params = plan.student_num_params
+            params = student_num_params(plan.task, plan.student_config)
             check_free_space(t.output_dir, params * CHECKPOINT_BYTES_PER_PARAM,
                              f"a checkpoint and the export of the {params / 1e6:.1f}M-parameter student ({CHECKPOINT_BYTES_PER_PARAM} bytes each)")
         except UsageError as exc:
@@ -323,16 +340,9 @@ def _save(job: Job) -> None:
     state = job.state
     state.data_position = job.micro_batches.position
     state.log_rows = job.logger.rows
-    try:
+    with _writing(f"checkpoint global_step{state.step}", job.out / "checkpoints" / f"global_step{state.step}.tmp", job.out):
         save_checkpoint(job.distiller.student, job.out, state.step, asdict(state), job.plan.train_args.save_total_limit,
                         rank_state=job.micro_batches.state_dict())
-    except (OSError, RuntimeError) as exc:  # the half-written global_step{N}.tmp is removed (frees the space); latest is untouched
-        if not _is_write_failure(exc):
-            raise
-        from .checkpoint import latest_tag
-
-        shutil.rmtree(job.out / "checkpoints" / f"global_step{state.step}.tmp", ignore_errors=True)
-        raise OutputWriteError(f"checkpoint global_step{state.step}", exc, latest_tag(job.out), job.out) from None
     job.saved_step = state.step
 
 
@@ -470,20 +480,14 @@ def save(job: Job, metrics: dict) -> dict:
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
     job.stop.check("export")
-    from .checkpoint import latest_tag
-
-    try:
+    name = plan.launcher.export_name
+    with _writing(f"the {name} export or metrics.json", job.out / f"{name}.tmp", job.out):
         export_student(student, plan.tokenizer, job.out / plan.launcher.export_name, model_card(plan, metrics, job.world))
         job.logger.log_dict(state.step, {**{f"eval/{k}": v for k, v in metrics.items() if "_eval_" in k and isinstance(v, float)},
                                          "eval/train_seconds": state.train_seconds})
         job.logger.close()
         if job.rank == 0:
             (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    except (OSError, RuntimeError) as exc:
-        if not _is_write_failure(exc):
-            raise
-        shutil.rmtree(job.out / f"{plan.launcher.export_name}.tmp", ignore_errors=True)
-        raise OutputWriteError(f"the {plan.launcher.export_name} export or metrics.json", exc, latest_tag(job.out), job.out) from None
     if job.rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if "_eval_" in k or k in ("train_tokens_per_second", "train_matmul_peak_fraction", "threads_per_rank", "steps")}))
     return metrics
