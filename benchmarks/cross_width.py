@@ -23,14 +23,10 @@ appended to benchmarks/RESULTS.md. Measures, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 EVAL_SAMPLES = 32
 STUDENT = {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
 
@@ -66,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fcd_ds.assets import prepare_default_assets, prepare_mpnet_teacher
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     teacher = prepare_mpnet_teacher()
     data = prepare_default_assets()
@@ -84,10 +80,9 @@ def main() -> None:
 
     t_cfg = AutoConfig.from_pretrained(teacher)
     gflops = m["train_tflops_per_device"] * 1e3
-    command = shlex.join(["python", "benchmarks/cross_width.py", *sys.argv[1:]])
-    lines = [f"\n## Cross-width task-agnostic FCD: MPNet 12 x 768 -> 6 x 384 — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, {args.num_gpus} ranks; "
-             f"measured fp32 matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048, torch's default threads).",
+    lines = [f"\n## Cross-width task-agnostic FCD: MPNet 12 x 768 -> 6 x 384 — {utc_stamp()}",
+             f"\nCommand: `{command_line('cross_width.py')}` ({machine()}, {args.num_gpus} ranks; "
+             f"{matmul_rate(peak)}, torch's default threads).",
              f"Teacher: all-mpnet-base-v2 ({t_cfg.num_hidden_layers} x {t_cfg.hidden_size}, {num_params(teacher / 'config.json') / 1e6:.1f}M "
              f"parameters, no MLM head); student: fresh MPNet ({STUDENT['num_hidden_layers']} x {STUDENT['hidden_size']}, "
              f"{STUDENT['num_attention_heads']} heads, intermediate {STUDENT['intermediate_size']}, {m['student_num_params'] / 1e6:.1f}M "
@@ -97,10 +92,7 @@ def main() -> None:
              "|---|---|---|---|---|---|",
              f"| {m['steps']} | {m['student_eval_fcd_initial']:.4f} | {m['student_eval_fcd']:.4f} | {m['train_tokens_per_second']:.0f} | "
              f"{gflops:.1f} ({gflops / (peak * 1e3):.2f}) | {wall:.0f} |\n"]
-    text = "\n".join(lines)
-    print(text)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(text + "\n")
+    publish(lines, write=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ Per size, with SmolLM2-135M-Instruct's tokenizer (the default teacher's) and 128
   (``datasets.load_from_disk``, what fcd_ds uses) against a NumPy token memmap of the same blocks
   (Megatron's and nanoGPT's layout), for the choice of format.
 
-The machine's fp32 matmul rate is printed beside the figures (``fcd_ds.metrics.measure_matmul_tflops``).
+The machine's fp32 matmul rate is printed beside the figures (``fcd_ds.runtime.metrics.measure_matmul_tflops``).
 Each finished measurement is kept as JSON under benchmarks/data_scale/ and reused on a later run, so the
 benchmark may be completed over several sittings; the corpora and prepared folders live in --work
 (default /tmp/fcd_ds_data_scale, about 7 GB for the three sizes). Measures, asserts nothing.
@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import publish, utc_stamp  # benchmarks/results.py
 
 __all__ = ["build_corpus", "tree_peak_rss", "main"]
 
@@ -246,7 +247,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from fcd_ds.assets import prepare_default_assets
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     args.work.mkdir(parents=True, exist_ok=True)
     teacher = prepare_default_assets().teacher
@@ -270,7 +271,7 @@ def main() -> None:
             first.append(_median_run(runs))
             print(json.dumps(first[-1]), flush=True)
     choice = arrow_vs_memmap(Path(rows[-1][1][1]["folder"]), args.work) if rows else None
-    lines = [f"\n## Data path at scale (benchmarks/data_scale.py, {time.strftime('%Y-%m-%d %H:%M')} UTC)\n",
+    lines = [f"\n## Data path at scale (benchmarks/data_scale.py, {utc_stamp()})\n",
              f"Command: `python benchmarks/data_scale.py --sizes {' '.join(map(str, args.sizes))}`. Corpora: the BBC News train articles "
              f"(4.9 MB) **repeated** to each size, 8 JSON-lines shards; SmolLM2-135M-Instruct's tokenizer, blocks of {SEQ}. "
              f"Machine: {os.cpu_count()} cores, measured fp32 matmul {matmul:.1f} GFLOP/s. Tokenizer's own batch rate "
@@ -300,11 +301,7 @@ def main() -> None:
         lines.append(f"\nFormat choice, {choice['blocks']:,} blocks of the largest corpus, {choice['batches']:,} random micro-batches of 8: "
                      f"Arrow open {choice['arrow_open_s'] * 1e3:.0f} ms, read {choice['arrow_read_s']:.2f} s; "
                      f"NumPy memmap open {choice['memmap_open_s'] * 1e3:.1f} ms, read {choice['memmap_read_s']:.2f} s.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(text)
+    publish("\n".join(lines) + "\n", write=not args.no_write, end="")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 
 import numpy as np
 
 from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 METHODS = {"task loss + FCD": [], "task loss only (no distillation)": ["--fcd_weight", "0"]}
 
 
@@ -59,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fcd_ds.defaults import default_bert_teacher
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     peak = measure_matmul_tflops()
     root = REPO / args.out
@@ -84,10 +80,9 @@ def main() -> None:
                 results[method].append((seed, m, wall))
         sections.append((task, teacher, teacher_metrics, results))
 
-    command = shlex.join(["python", "benchmarks/encoders.py", *sys.argv[1:]])
-    lines = [f"\n## Encoders: FCD distillation vs no distillation — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, {args.num_gpus} ranks; "
-             f"measured fp32 matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048, torch's default threads).",
+    lines = [f"\n## Encoders: FCD distillation vs no distillation — {utc_stamp()}",
+             f"\nCommand: `{command_line('encoders.py')}` ({machine()}, {args.num_gpus} ranks; "
+             f"{matmul_rate(peak)}, torch's default threads).",
              f"Teacher: all-MiniLM-L6-v2 (6 x 384) fine-tuned on the task; students: its blocks 0, 2, 5 "
              f"(pruned, 3 x 384), {args.steps} steps, seeds {args.seeds}. Accuracy on the held-out split.\n"]
     for task, teacher, tm, results in sections:
@@ -105,10 +100,7 @@ def main() -> None:
         diff = np.asarray(fcd) - np.asarray(ce)
         lines.append(f"\nPaired difference FCD - no distillation (same seed): {', '.join(f'{d:+.4f}' for d in diff)}; "
                      f"mean {diff.mean():+.4f}, FCD ahead in {(diff > 0).sum()} of {len(diff)} seeds.\n")
-    text = "\n".join(lines)
-    print(text)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(text + "\n")
+    publish(lines, write=True)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,9 @@ benchmarks/RESULTS.md with the command that produced it. Measures, asserts nothi
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 
 from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, publish, utc_stamp  # benchmarks/results.py
 VARIANTS = {"FCD + CE (default)": [], "CE only (--fcd_weight 0)": ["--fcd_weight", "0"]}
 
 
@@ -31,10 +27,9 @@ def main() -> None:
     for name, variant in VARIANTS.items():
         metrics, wall = launch("distill_gpt", REPO / args.out / name.split()[0].lower(), [*args.extra, *variant], args.num_gpus)
         rows.append((name, metrics, wall))
-    command = shlex.join(["python", "benchmarks/fcd_vs_ce.py", *sys.argv[1:]])
     lines = [
-        f"\n## FCD vs cross-entropy only — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, {args.num_gpus} ranks). Perplexities on the held-out split.\n",
+        f"\n## FCD vs cross-entropy only — {utc_stamp()}",
+        f"\nCommand: `{command_line('fcd_vs_ce.py')}` ({machine()}, {args.num_gpus} ranks). Perplexities on the held-out split.\n",
         "| variant | steps | teacher ppl | student ppl before | student ppl after | train tokens/s | wall time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -48,10 +43,7 @@ def main() -> None:
         f"\nRatios (FCD / CE only): student ppl after {m_fcd['student_eval_perplexity'] / m_ce['student_eval_perplexity']:.3f}, "
         f"train tokens/s {m_fcd['train_tokens_per_second'] / m_ce['train_tokens_per_second']:.3f}, wall time {w_fcd / w_ce:.3f}.\n"
     )
-    text = "\n".join(lines)
-    print(text)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(text)
+    publish(lines, write=True, end="")
 
 
 if __name__ == "__main__":

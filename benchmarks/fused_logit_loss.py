@@ -25,17 +25,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 
 import torch
 
 from fcd_ds.losses import causal_lm_loss, fused_linear_ce_kd, logit_kd_loss
 from isolated import measure  # benchmarks/isolated.py
-from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 
 WIDTH, VOCAB, TEMPERATURE = 576, 49152, 2.0  # SmolLM2-135M (student = its depth-pruned copy: same width)
 GIB = 2**30
@@ -73,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     b, seq_lens, vocab = (2, (64,), 4096) if args.quick else (8, (256, 1024), VOCAB)
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     peak = measure_matmul_tflops()
     print(f"measured fp32 matmul rate: {peak * 1e3:.0f} GFLOP/s; torch threads: {torch.get_num_threads()}", flush=True)
@@ -91,11 +86,9 @@ def main() -> None:
             rows.append((n, chunk, r, plain))
             print(f"N={n} | {'plain' if chunk is None else f'fused {chunk}'}: {r}", flush=True)
 
-    command = shlex.join(["python", "benchmarks/fused_logit_loss.py", *sys.argv[1:]])
     threads = ", ".join(sorted({str(r["threads"]) for _, _, r, _ in rows if "threads" in r})) or str(torch.get_num_threads())
-    lines = [f"\n## Logit losses fused with the LM head — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads {threads}; "
-             f"measured fp32 matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048).",
+    lines = [f"\n## Logit losses fused with the LM head — {utc_stamp()}",
+             f"\nCommand: `{command_line('fused_logit_loss.py')}` ({machine()}, torch threads {threads}; {matmul_rate(peak)}).",
              f"Next-token CE + logit KD (T = {TEMPERATURE:g}) forward+backward from the last hidden states "
              f"(B = {b}, width {WIDTH} student and teacher) and the head weights (vocabulary {vocab}), float32, "
              f"mask all ones. plain: both models' (B, N, V) logits materialised, `causal_lm_loss + logit_kd_loss`; "
@@ -115,11 +108,7 @@ def main() -> None:
         passes = "" if r["reps"] == args.repeats else f" ({r['reps']} pass)"
         lines.append(f"| {b * n} | {name} | {r['s']:.2f}{passes} | {r['gib']:.3f} | {ratio('gib')} | {ratio('s')} | "
                      f"{r['loss']:.6f} (ce {r['ce']:.4f}, kd {r['kd']:.4f}) | {diff} |")
-    text = "\n".join(lines)
-    print(text)
-    if not (args.quick or args.no_write):
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(lines, write=not (args.quick or args.no_write))
 
 
 if __name__ == "__main__":

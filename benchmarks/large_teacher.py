@@ -66,7 +66,7 @@ def main() -> None:
 
     import torch
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

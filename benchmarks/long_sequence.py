@@ -34,18 +34,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing as mp
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 
 import torch
 
 from fcd_ds.config import DistillArguments
 from fcd_ds.losses import fcd_loss, mean_one_minus_rho, pearson_correlation, sequence_relation, token_relation
 from isolated import measure  # benchmarks/isolated.py
-from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 
 C_S, C_T = 192, 576
 CHUNK = next(f.default for f in dataclasses.fields(DistillArguments) if f.name == "fcd_chunk_size")
@@ -108,7 +103,7 @@ def main() -> None:
     seq_lens = (256, 512) if args.quick else (1024, 4096, 8192)
     tables = {**TABLES, "sequence": (16, 0.0)} if args.quick else TABLES
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     peak = measure_matmul_tflops()
     print(f"measured fp32 matmul rate: {peak * 1e3:.0f} GFLOP/s; torch threads: {torch.get_num_threads()}", flush=True)
@@ -123,14 +118,13 @@ def main() -> None:
                 results[name, n, form] = r
                 print(f"{name} | B={b} | N={n} | {form}: {r}", flush=True)
 
-    command = shlex.join(["python", "benchmarks/long_sequence.py", *sys.argv[1:]])
     threads = ", ".join(map(str, sorted({r["threads"] for r in results.values() if "threads" in r}))) or torch.get_num_threads()
     memory = ("VmHWM (reset via /proc/self/clear_refs before the warm-up)" if methods - {None} == {"VmHWM"}
               else "RSS high-water mark (ru_maxrss)" if methods - {None} == {"ru_maxrss"} else "VmHWM or ru_maxrss")
     (b_fcd, _), (b_seq, _) = tables["fcd"], tables["sequence"]
-    lines = [f"\n## Long sequences: FCD streamed in blocks vs materialised — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads {threads}; "
-             f"measured fp32 matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048, torch's default threads).",
+    lines = [f"\n## Long sequences: FCD streamed in blocks vs materialised — {utc_stamp()}",
+             f"\nCommand: `{command_line('long_sequence.py')}` ({machine()}, torch threads {threads}; "
+             f"{matmul_rate(peak)}, torch's default threads).",
              f"Random float32 features, student width {C_S}, teacher width {C_T}, mask all ones; one process per case; "
              f"time: median of {args.repeats} forward+backward passes after one warm-up (2 when the warm-up took over "
              f"10 s); peak extra memory: {memory} minus the RSS with the inputs built; limit {args.mem_limit_gib:g} GiB "
@@ -142,11 +136,7 @@ def main() -> None:
              *table(results, "fcd", seq_lens, args.repeats, args.mem_limit_gib),
              f"\n### Sequence term alone (alpha = 0, position), B = {b_seq} (an all-gathered global batch)\n",
              *table(results, "sequence", seq_lens, args.repeats, args.mem_limit_gib)]
-    text = "\n".join(lines)
-    print(text)
-    if not (args.quick or args.no_write):
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(lines, write=not (args.quick or args.no_write))
 
 
 if __name__ == "__main__":

@@ -29,17 +29,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 
 import torch
 
 from fcd_ds.losses import dist_loss, fcd_loss, hidden_mse_loss, logit_kd_loss, minilm_loss
 from isolated import measure  # benchmarks/isolated.py
-from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 
 GPT = "SmolLM2-135M -> depth-pruned student"
 ENC = "all-mpnet-base-v2 -> all-MiniLM-L6-v2"
@@ -91,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     b, seq_lens, vocab = (2, (32, 64), 1024) if args.quick else (8, (128, 512, 2048), VOCAB)
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     peak = measure_matmul_tflops()
     print(f"measured fp32 matmul rate: {peak * 1e3:.0f} GFLOP/s; torch threads: {torch.get_num_threads()}", flush=True)
@@ -108,13 +103,12 @@ def main() -> None:
                 results[name, n, loss] = r
                 print(f"{name} | N={n} | {loss}: {r}", flush=True)
 
-    command = shlex.join(["python", "benchmarks/loss_cost.py", *sys.argv[1:]])
     threads = ", ".join(map(str, sorted({r["threads"] for r in results.values() if "threads" in r}))) or torch.get_num_threads()
     memory = ("VmHWM (reset via /proc/self/clear_refs before the warm-up)" if methods - {None} == {"VmHWM"}
               else "RSS high-water mark (ru_maxrss)" if methods - {None} == {"ru_maxrss"} else "VmHWM or ru_maxrss")
-    lines = [f"\n## Loss cost: forward+backward time and peak memory of each loss alone — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads {threads}; "
-             f"measured fp32 matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048, torch's default threads).",
+    lines = [f"\n## Loss cost: forward+backward time and peak memory of each loss alone — {utc_stamp()}",
+             f"\nCommand: `{command_line('loss_cost.py')}` ({machine()}, torch threads {threads}; "
+             f"{matmul_rate(peak)}, torch's default threads).",
              f"B = {b}, float32 random features, mask all ones; one process per case; time: median of {args.repeats} "
              f"forward+backward passes after one warm-up (2 when the warm-up took over 10 s); peak extra memory: {memory} "
              f"minus the RSS with the inputs built; limit {args.mem_limit_gib:g} GiB per case (RLIMIT_AS). "
@@ -134,11 +128,7 @@ def main() -> None:
                 ratio = (lambda k: f"{r[k] / fcd[k]:.2f}" if k in fcd and fcd[k] > 0 else "—")
                 lines.append(f"| {n} | {loss} | {r['ms']:.1f}{passes} | "
                              f"{r['mib']:.1f} | {ratio('ms')} | {ratio('mib')} |")
-    text = "\n".join(lines)
-    print(text)
-    if not (args.quick or args.no_write):
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(lines, write=not (args.quick or args.no_write))
 
 
 if __name__ == "__main__":

@@ -29,17 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
-import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from launch import REPO, launch  # benchmarks/launch.py
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 
 METHODS = {"none": "ce", "fcd": "ce+fcd", "kd": "ce+kd", "hidden_mse": "ce+hidden_mse", "minilm": "ce+minilm", "dist": "ce+dist"}
 VARIANTS = {"fcd map last": ["--loss", "ce+fcd", "--layer_map", "last"],
@@ -220,7 +216,7 @@ def main() -> None:
         args.tasks, args.seeds, args.steps, args.variant_tasks, args.out = ["rotten_tomatoes"], args.seeds[:2], 20, [], args.out + "_quick"
         args.rt_eval_rows, args.evals = 300, 2
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     peak = measure_matmul_tflops()
     root = REPO / args.out
@@ -260,17 +256,13 @@ def main() -> None:
         results.append((task, s))
 
     plot(results, REPO / "benchmarks" / ("quality_quick.png" if args.quick else "quality.png"))
-    command = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-    head = [f"\n## Quality: every method, equal steps and equal time — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, {args.num_gpus} rank(s); measured fp32 "
-            f"matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048). Seeds {args.seeds}; encoder students {args.steps} steps, GPT "
+    head = [f"\n## Quality: every method, equal steps and equal time — {utc_stamp()}",
+            f"\nCommand: `{command_line('quality.py')}` ({machine()}, {args.num_gpus} rank(s); "
+            f"{matmul_rate(peak)}). Seeds {args.seeds}; encoder students {args.steps} steps, GPT "
             f"students {args.austen_steps} steps; constant learning rate after warm-up; {args.evals} evaluations per run. "
             f"Mean ± sample standard deviation over seeds; paired differences FCD minus method with the paired t-test p-value. "
             f"Chart: `benchmarks/{'quality_quick.png' if args.quick else 'quality.png'}`."]
-    text = "\n".join(head + lines)
-    print(text)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(text + "\n")
+    publish(head + lines, write=True)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,10 @@ not distillation quality. Measures, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from launch import REPO, launch  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, machine, matmul_rate, publish, utc_stamp  # benchmarks/results.py
 MAX_SEQ_LENGTH = 64
 SHAPE = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}
 
@@ -79,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench_roberta_random", help="run folder (overwritten)")
     args = parser.parse_args()
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     root = REPO / args.out
     lr = ["--learning_rate", args.learning_rate] if args.learning_rate else []
@@ -100,11 +96,10 @@ def main() -> None:
     from transformers import AutoConfig
 
     n_student = AutoConfig.from_pretrained(root / "student" / "student").num_hidden_layers
-    command = shlex.join(["python", "benchmarks/roberta_random.py", *sys.argv[1:]])
     shape = f"{SHAPE['num_hidden_layers']} x {SHAPE['hidden_size']}"
-    lines = [f"\n## RoBERTa end to end from a random init — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPU cores, {args.num_gpus} ranks; "
-             f"measured fp32 matmul rate {peak * 1e3:.0f} GFLOP/s, 2048 x 2048, torch's default threads).",
+    lines = [f"\n## RoBERTa end to end from a random init — {utc_stamp()}",
+             f"\nCommand: `{command_line('roberta_random.py')}` ({machine()}, {args.num_gpus} ranks; "
+             f"{matmul_rate(peak)}, torch's default threads).",
              f"Teacher: random-init RoBERTa ({shape}, {SHAPE['num_attention_heads']} heads, all-MiniLM-L6-v2 WordPiece "
              f"tokenizer, seed 0), fine-tuned {tm['steps']} steps on Rotten Tomatoes ({MAX_SEQ_LENGTH} tokens); student: "
              f"the teacher's blocks kept by depth pruning ({n_student} x {SHAPE['hidden_size']}, default: half; FCD layer map "
@@ -116,10 +111,7 @@ def main() -> None:
              f"| student distillation | {sm['student_eval_accuracy_initial']:.4f} | {sm['student_eval_accuracy']:.4f} | "
              f"{sm['student_num_params'] / 1e6:.2f}M | {sm['train_tokens_per_second']:.0f} | {rate(sm)} | {swall:.0f} |",
              f"\nTeacher accuracy as measured by the distillation run: {sm['teacher_eval_accuracy']:.4f}.\n"]
-    text = "\n".join(lines)
-    print(text)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(text + "\n")
+    publish(lines, write=True)
 
 
 if __name__ == "__main__":

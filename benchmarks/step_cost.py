@@ -30,16 +30,13 @@ import copy
 import dataclasses
 import os
 import platform
-import shlex
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
 
-from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, publish, utc_stamp  # benchmarks/results.py (python puts benchmarks/ on sys.path)
 
 GROUPS = (  # (group, substrings of operator names), first match wins; ranges ("loss/fcd", ...) are matched first
     ("matmul", ("mm", "addmm", "bmm", "linear", "matmul", "baddbmm", "einsum")),
@@ -109,7 +106,7 @@ def main() -> None:
     from fcd_ds import defaults, trainer
     from fcd_ds.config import DistillArguments, parse_args
     from fcd_ds.engine import DistillEngine
-    from fcd_ds.metrics import measure_matmul_tflops, transformer_flops_per_token
+    from fcd_ds.runtime.metrics import measure_matmul_tflops, transformer_flops_per_token
     from fcd_ds.plan import plan_run
 
     out = tempfile.mkdtemp(prefix="fcd_step_cost_")
@@ -166,8 +163,7 @@ def main() -> None:
     peak_after = measure_matmul_tflops(n=matmul_n, dtype=dtype) * 1e12
     peak = (peak_before + peak_after) / 2
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    command = shlex.join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
-    lines = [f"Command: `{command}`; {device}; measured {str(dtype).removeprefix('torch.')} matmul {peak / 1e9:.0f} GFLOP/s (mean of {peak_before / 1e9:.0f} before and {peak_after / 1e9:.0f} after the steps); one rank, micro-batch "
+    lines = [f"Command: `{command_line('step_cost.py')}`; {device}; measured {str(dtype).removeprefix('torch.')} matmul {peak / 1e9:.0f} GFLOP/s (mean of {peak_before / 1e9:.0f} before and {peak_after / 1e9:.0f} after the steps); one rank, micro-batch "
              f"{plan.ds_config['train_micro_batch_size_per_gpu']} x {plan.data_args.max_seq_length} tokens x {gas} accumulation; "
              f"median of {args.steps} after {args.warmup} warm-up.", "",
              "| part, alone | median s |", "|---|---|"]
@@ -193,11 +189,7 @@ def main() -> None:
                   "(ranges: operators called inside `optimizer_step`, the forward of `loss/fcd`, `loss/fused_logits` (CE in the head), `loss/kd`, `loss/ce`):", "",
                   "| group | s | share |", "|---|---|---|"]
         lines += [f"| {g} | {v:.2f} | {v / total:.1%} |" for g, v in sorted(groups.items(), key=lambda kv: -kv[1])]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## Step cost against its unavoidable parts ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n{table}\n")
+    publish(lines, write=not args.no_write, heading=f"\n## Step cost against its unavoidable parts ({utc_stamp()})\n\n")
     trainer.finish()
 
 

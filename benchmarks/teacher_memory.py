@@ -28,10 +28,10 @@ import json
 import os
 import platform
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from launch import REPO, spawn  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import publish, utc_stamp  # benchmarks/results.py
 
 GIB = 2**30
 OUT = REPO / "outputs" / "bench_teacher_memory"
@@ -141,7 +141,7 @@ def main() -> None:
         cap = (max(results[0]["cgroup_peak_gib"]) + max(results[1]["cgroup_peak_gib"])) / 2
     results += [run("1 rank, capped", 1, flags, cap, cgroups, args.timeout), run("2 ranks, capped", 2, flags, cap, cgroups, args.timeout)]
 
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     lines = [f"Teacher {teacher_numel / 1e9:.2f}B parameters ({teacher_numel * 4 / GIB:.2f} GiB fp32); "
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -149,13 +149,8 @@ def main() -> None:
              "| run | ranks | cap per rank (GiB) | result | group peak per rank (GiB) | peak RSS per rank (GiB) | teacher shard per rank (GiB, share) | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [row(r, teacher_numel) for r in results]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## Teacher memory: sharded over ranks, under a per-rank cap ({stamp})\n\n"
-                    f"Command: `python benchmarks/teacher_memory.py`\n\n{table}\n")
+    publish(lines, write=not args.no_write, heading=f"\n## Teacher memory: sharded over ranks, under a per-rank cap ({utc_stamp()})\n\n"
+                                                    "Command: `python benchmarks/teacher_memory.py`\n\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Reported per setting, from the run's train_log.jsonl: the median of ``perf/token
 ranks' tokens) over the steps after the first --skip, the achieved FLOP/s (median
 ``perf/tflops_per_device`` x ranks: the model matmul FLOPs fcd_ds counts) and that as a fraction of this
 machine's fp32 matmul rate measured once with 2 threads before any run
-(``fcd_ds.metrics.measure_matmul_tflops``); the training seconds (metrics.json) and the wall seconds of
+(``fcd_ds.runtime.metrics.measure_matmul_tflops``); the training seconds (metrics.json) and the wall seconds of
 the deepspeed command (start-up, the final evaluation and checkpoint included); the threads torch used
 per rank (the run's own report where it gives one: ``threads_per_rank`` in metrics.json or a threads
 line in its output; else ``torch.get_num_threads()`` in a fresh process with the rank's environment,
@@ -44,10 +44,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from launch import REPO  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, publish, utc_stamp  # benchmarks/results.py
 
 __all__ = ["Setting", "settings", "run_setting", "machine_busy_seconds"]
 
@@ -206,7 +206,7 @@ def main() -> None:
     args = p.parse_args()
 
     sys.path.insert(0, str(REPO))  # this checkout's fcd_ds, as the ranks get it (_rank_env)
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     load = os.getloadavg()[0]
     numactl = shutil.which("numactl") is not None
@@ -225,9 +225,8 @@ def main() -> None:
     done = [r for r in results if "tokens_per_s" in r]
     best = max(done, key=lambda r: r["tokens_per_s"]) if done else None
 
-    command = shlex.join(["python", "benchmarks/threads.py", *sys.argv[1:]])
     span = f"steps {args.skip + 1}-{args.steps}" if args.steps > args.skip else f"all {args.steps} steps (none after the first {args.skip})"
-    lines = [f"Command: `{command}`; {_cpu_model()}, {os.cpu_count()} CPUs; measured fp32 matmul {matmul / 1e9:.0f} GFLOP/s "
+    lines = [f"Command: `{command_line('threads.py')}`; {_cpu_model()}, {os.cpu_count()} CPUs; measured fp32 matmul {matmul / 1e9:.0f} GFLOP/s "
              f"(2 threads); {args.steps} steps per run of 4 x 128 tokens per rank, medians over {span}; "
              f"1-minute load average {load:.2f} at the start.", ""]
     lines += notes + ([""] if notes else [])
@@ -249,12 +248,8 @@ def main() -> None:
         slowest = min(done, key=lambda r: r["tokens_per_s"])
         lines += ["", f"Fastest: {best['setting'].name}, {best['tokens_per_s']:.0f} tokens/s "
                       f"({best['tokens_per_s'] / slowest['tokens_per_s']:.2f}x the slowest, {slowest['setting'].name})."]
-    table = "\n".join(lines)
-    print(table)
+    publish(lines, write=not args.no_write, heading=f"\n## Threads per rank and core binding — {utc_stamp()}\n\n")
     print(f"(run outputs and logs: {work})")
-    if not args.no_write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## Threads per rank and core binding — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n{table}\n")
 
 
 if __name__ == "__main__":

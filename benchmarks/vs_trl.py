@@ -25,7 +25,7 @@ activation checkpointing, ``use_cache`` off in both models. Cases, each in its o
   ``DistillArguments`` at run time), then the same with the other value (the materialised logits);
 * ``fcd_ds KD + FCD``: the same with ``--fcd_weight 1`` (the default layer map);
 * host memory: fcd_ds keeps freed host memory in glibc's heap (``--host_memory_reuse``, default auto: on
-  when training on CPUs; ``fcd_ds.host_memory``), which TRL does not. So TRL also runs with the same
+  when training on CPUs; ``fcd_ds.runtime.host_memory``), which TRL does not. So TRL also runs with the same
   setting made in its process before its trainer is built (``TRL GKDTrainer ..., host memory reused``),
   and fcd_ds's default KD case also runs with ``--host_memory_reuse false``: both comparisons, side by side.
 
@@ -60,15 +60,13 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from launch import REPO, spawn  # benchmarks/launch.py (python puts benchmarks/ on sys.path)
+from results import command_line, publish, utc_stamp  # benchmarks/results.py
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental.gkd is what is measured
 DS_JSON = REPO / "ds_configs" / "zero2.json"
@@ -181,7 +179,7 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def _flops_per_token(plan) -> float:
-    from fcd_ds.metrics import transformer_flops_per_token
+    from fcd_ds.runtime.metrics import transformer_flops_per_token
 
     n = plan.data_args.max_seq_length
     return (transformer_flops_per_token(plan.student_config, n, head=True, backward=True)
@@ -222,7 +220,7 @@ def run_trl(opts, out: str, reuse_host_memory: bool = False) -> dict:
     """Train with TRL's GKDTrainer (lmbda 0, beta 0) under the DeepSpeed JSON; times, losses, memory. With
     ``reuse_host_memory``, glibc keeps freed host memory first, as fcd_ds's ``--host_memory_reuse`` does."""
     if reuse_host_memory:
-        from fcd_ds.host_memory import reuse_freed_host_memory
+        from fcd_ds.runtime.host_memory import reuse_freed_host_memory
 
         reuse_freed_host_memory()
     import datasets
@@ -391,9 +389,8 @@ def report(opts, results: dict, check: dict, peaks: list[float]) -> str:
     peak_flops = statistics.mean(peaks)
     trl = results.get(TRL, {})
     threads = sorted({r["threads"] for r in results.values() if "threads" in r}) or [torch.get_num_threads()]
-    command = shlex.join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]])
     total = opts.warmup + opts.steps
-    lines = [f"Command: `{command}`; {platform.machine()} CPU, {os.cpu_count()} cores, torch threads "
+    lines = [f"Command: `{command_line('vs_trl.py')}`; {platform.machine()} CPU, {os.cpu_count()} cores, torch threads "
              f"{', '.join(map(str, threads))}; measured fp32 matmul {peak_flops / 1e9:.0f} GFLOP/s (2048 x 2048; the mean of "
              f"{' and '.join(f'{x / 1e9:.0f}' for x in peaks)} before and after the rounds). "
              f"trl {trl.get('trl_version', '?')} (`trl.experimental.gkd.GKDTrainer`, generate calls during training: "
@@ -455,7 +452,7 @@ def main() -> None:
         return
 
     from fcd_ds.assets import prepare_default_assets
-    from fcd_ds.metrics import measure_matmul_tflops
+    from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     prepare_default_assets()  # once, before the cases' processes
     peaks = [measure_matmul_tflops() * 1e12]
@@ -468,11 +465,8 @@ def main() -> None:
             rounds[name].append(run_case(opts, name, "trl" if name in (TRL, TRL_REUSE) else "fcd"))
     peaks.append(measure_matmul_tflops() * 1e12)
     results = {name: pool_rounds(rounds[name], opts.warmup) for name in names}
-    table = report(opts, results, check, peaks)
-    print(table)
-    if not opts.no_write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## fcd_ds vs TRL's GKDTrainer, side by side ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n{table}\n")
+    publish(report(opts, results, check, peaks), write=not opts.no_write,
+            heading=f"\n## fcd_ds vs TRL's GKDTrainer, side by side ({utc_stamp()})\n\n")
 
 
 if __name__ == "__main__":

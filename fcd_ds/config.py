@@ -10,19 +10,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UsageError
-from .host_memory import check_host_memory_reuse
-from .losses import SEQUENCE_RELATIONS
+from .runtime.host_memory import check_host_memory_reuse
+from .losses import FCD_STACK_PAIRS, SEQUENCE_RELATIONS
 from .tasks import TASK_NAMES
 
 __all__ = [
     "ModelArguments",
     "FinetuneModelArguments",
+    "ATTN_IMPLEMENTATIONS",
     "DataArguments",
     "SAMPLE_BY",
     "DistillArguments",
     "LOSS_TERMS",
     "FCD_STACK_PAIRS",
     "TrainArguments",
+    "REPORT_TO",
     "parse_args",
     "read_recipe",
     "START_FLAGS",
@@ -51,6 +53,14 @@ def _positive(flag: str, value, allow_zero: bool = False) -> None:
         raise UsageError(f"--{flag}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")  # --attn_implementation: transformers' names
+
+
+def _check_attn_implementation(value: str | None) -> None:
+    if value is not None and value not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"--attn_implementation: must be one of {', '.join(ATTN_IMPLEMENTATIONS)} (or omitted: transformers' choice), got {value!r}")
+
+
 @dataclass
 class ModelArguments:
     """Teacher and student."""
@@ -68,9 +78,12 @@ class ModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the student's blocks."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the Python code a model folder ships (its config's auto_map). Off: such a folder is refused in one line, never with a prompt."})
     use_safetensors: bool = field(default=True, metadata={"help": "Read weights from safetensors files only; false: pickled .bin files too (transformers loads them with weights_only=True)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel of teacher and student: eager, sdpa or flash_attention_2 (transformers' attn_implementation; flash_attention_2 needs CUDA, the flash_attn package and --bf16 or --fp16). Default: transformers' choice (sdpa where the model has it)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the hub names given (teacher and student: config, tokenizer, weights); run_clm's model_revision. A local folder ignores it. Default: main."})
 
     def __post_init__(self):
         _finite(self)
+        _check_attn_implementation(self.attn_implementation)
         given = [f for f in ("student", "student_config", "student_num_layers") if getattr(self, f) is not None]
         if len(given) > 1:
             raise UsageError(f"--{given[0]} and --{given[1]} both choose the student; pass only one")
@@ -89,11 +102,17 @@ class FinetuneModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of the model's blocks."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the Python code a model folder ships (its config's auto_map); off: refused in one line."})
     use_safetensors: bool = field(default=True, metadata={"help": "Read weights from safetensors files only; false: pickled .bin files too."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel: eager, sdpa or flash_attention_2 (transformers' attn_implementation; flash_attention_2 needs CUDA, flash_attn and --bf16 or --fp16). Default: transformers' choice."})
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub name (config, tokenizer, weights); a local folder ignores it. Default: main."})
+
+    def __post_init__(self):
+        _check_attn_implementation(self.attn_implementation)
 
     def as_model_arguments(self) -> ModelArguments:
         """The engine's view: the model to fine-tune is the (only) trained model, the student."""
         return ModelArguments(teacher=None, student=self.model_name_or_path, gradient_checkpointing=self.gradient_checkpointing,
-                              trust_remote_code=self.trust_remote_code, use_safetensors=self.use_safetensors)
+                              trust_remote_code=self.trust_remote_code, use_safetensors=self.use_safetensors,
+                              attn_implementation=self.attn_implementation, revision=self.revision)
 
 
 SAMPLE_BY = ("line", "paragraph", "document")  # datasets' text builder: what one row (document) of a .txt file is
@@ -136,7 +155,7 @@ class DataArguments:
         import codecs
 
         _finite(self)
-        from .task_metrics import GLUE_TASK_KEYS
+        from .data.glue import GLUE_TASK_KEYS
 
         if self.task not in TASK_NAMES:
             raise UsageError(f"--task: must be one of {TASK_NAMES}, got {self.task!r}")
@@ -175,7 +194,6 @@ class DataArguments:
 LOSS_TERMS = ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")
 """Loss terms ``--loss`` can combine: the task loss and five distillation methods (see :class:`DistillArguments`)."""
 
-FCD_STACK_PAIRS = {"auto": None, "true": True, "false": False}  # --fcd_stack_pairs -> fcd_pair_terms(stack=...)
 
 # Used when --loss is not given: the task loss plus FCD, each other term off unless its weight is given.
 _DEFAULT_WEIGHTS = {"ce": 1.0, "fcd": 1.0, "kd": 0.0, "hidden_mse": 0.0, "minilm": 0.0, "dist": 0.0}
@@ -304,6 +322,7 @@ class TrainArguments:
     auto_resume: bool = field(default=False, metadata={"help": "Resume when output_dir holds a checkpoint of this same run (same arguments), start afresh when it holds none (what launchers/slurm/distill.sbatch passes, so a requeued job continues)."})
     deepspeed_config: str = field(default=str(DEFAULT_DS_CONFIG), metadata={"help": "DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json, zero3_offload.json)."})
     bf16: bool = field(default=False, metadata={"help": "Override: enable the JSON's bf16 section (GPUs; slow on CPU)."})
+    fp16: bool = field(default=False, metadata={"help": "Override: enable the JSON's fp16 section with dynamic loss scaling, for GPUs without bf16 (V100, T4); not on CPU."})
     max_steps: int = field(default=120, metadata={"help": "Optimizer steps."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate (default: the JSON's, or 5e-4 where it says 'auto')."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (default: the JSON's, or a tenth of max_steps)."})
@@ -312,13 +331,14 @@ class TrainArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Eval micro-batch per rank."})
     seed: int = field(default=42, metadata={"help": "Seed of init, data order and dropout."})
     logging_steps: int = field(default=1, metadata={"help": "Log to TensorBoard every N steps."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Where the scalars go besides train_log.jsonl (transformers' TrainingArguments values): 'tensorboard' (output_dir/runs), 'wandb' (offline unless WANDB_MODE says otherwise; output_dir/wandb), several joined by commas, 'all' (every installed one) or 'none'."})
     save_steps: int = field(default=0, metadata={"help": "Save a DeepSpeed checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."})
     teacher_offload: str | None = field(default=None, metadata={"help": "'cpu': the teacher engine runs ZeRO-3 with its parameters offloaded to CPU memory (offload_param), whatever the student's stage; 'none': no offload; default: the JSON's zero_optimization.offload_param when the student runs ZeRO-3.", "choices": ["cpu", "none"]})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the teacher and the untrained student before training (reported as teacher_eval_* and student_eval_*_initial)."})
     eval_steps: int = field(default=0, metadata={"help": "Also evaluate the student every N steps (0: only at the end); logged as eval/* with the training seconds so far."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16 dense)."})
-    host_memory_reuse: str = field(default="auto", metadata={"help": "Keep freed host memory in glibc's heap for the next step instead of mapping it afresh (fcd_ds.host_memory; same values, fewer page faults): 'true', 'false', or 'auto' = on when training on CPUs unless LD_PRELOAD, GLIBC_TUNABLES or MALLOC_*_ already set the allocator."})
+    host_memory_reuse: str = field(default="auto", metadata={"help": "Keep freed host memory in glibc's heap for the next step instead of mapping it afresh (fcd_ds.runtime.host_memory; same values, fewer page faults): 'true', 'false', or 'auto' = on when training on CPUs unless LD_PRELOAD, GLIBC_TUNABLES or MALLOC_*_ already set the allocator."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank that read, tokenise (streaming) and collate batches ahead of the step (HF's name); 0: in the training process."})
     dataloader_prefetch_factor: int | None = field(default=None, metadata={"help": "Batches each DataLoader worker prepares ahead (HF's name; torch's default 2 with workers)."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a collective (a barrier while another rank tokenises, say) may wait before the process group gives up (HF's name and default)."})
@@ -339,9 +359,40 @@ class TrainArguments:
         if self.dataloader_prefetch_factor is not None and not self.dataloader_num_workers:
             raise UsageError("--dataloader_prefetch_factor: needs --dataloader_num_workers > 0 (torch's rule); add workers or drop it")
         check_host_memory_reuse(self.host_memory_reuse)
+        if self.bf16 and self.fp16:
+            raise UsageError("--bf16 and --fp16 both set the precision; pass one (--bf16 where the GPU has it)")
+        self.report_to = _report_to(self.report_to)
         starts = [f"--{name}" for name in ("resume", "auto_resume", "overwrite_output_dir") if getattr(self, name)]
         if len(starts) > 1:
             raise UsageError(f"{' and '.join(starts)} contradict each other; pass one")
+
+
+REPORT_TO = ("tensorboard", "wandb")
+"""Integrations ``--report_to`` can name (besides ``all`` and ``none``), as transformers' ``report_to``."""
+
+
+def _report_to(value) -> list[str]:
+    """``--report_to`` as a list of :data:`REPORT_TO` names: a name, names joined by commas or a list (a
+    recipe's), ``all`` (tensorboard, and wandb when it is installed) or ``none`` / None (``[]``).
+
+    Raises:
+        UsageError: an unknown name, ``none`` or ``all`` beside others, or ``wandb`` without the package.
+    """
+    import importlib.util
+
+    names = [n.strip() for v in ([] if value is None else [value] if isinstance(value, str) else value) for n in str(v).split(",") if n.strip()]
+    valid = (*REPORT_TO, "all", "none")
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise UsageError(f"--report_to: {bad[0]!r} is not one of {', '.join(valid)}; pick from those (several joined by commas)")
+    if len(names) > 1 and {"all", "none"} & set(names):
+        raise UsageError(f"--report_to: {'all' if 'all' in names else 'none'} stands alone, got {','.join(names)}; pass it alone or name the integrations")
+    has_wandb = importlib.util.find_spec("wandb") is not None
+    if names == ["all"]:
+        return ["tensorboard", *(["wandb"] if has_wandb else [])]
+    if "wandb" in names and not has_wandb:
+        raise UsageError("--report_to wandb: the wandb package is not installed; `pip install wandb`, or drop wandb from --report_to")
+    return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 def unknown_flags_message(parser, unknown: list[str]) -> str:

@@ -13,10 +13,15 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["load_ds_config", "resolve_ds_config", "validate_ds_config", "teacher_ds_config", "zero_stage", "bf16_enabled"]
+__all__ = ["load_ds_config", "resolve_ds_config", "validate_ds_config", "teacher_ds_config", "zero_stage", "bf16_enabled", "fp16_enabled",
+           "FP16_DYNAMIC_LOSS_SCALE"]
 
 DEFAULT_LR = 5e-4
 DEFAULT_MICRO_BATCH = 4
+# --fp16: the fp16 keys filled where the JSON has none, DeepSpeed's documented defaults (DeepSpeedFP16Config,
+# deepspeed/runtime/precision_config.py, 0.19): loss_scale 0 = dynamic, starting at 2**16, doubled after 1000
+# steps without overflow, halved after 2 consecutive overflows (hysteresis), never below 1.
+FP16_DYNAMIC_LOSS_SCALE = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
 
 
 def load_ds_config(path: str) -> dict:
@@ -59,10 +64,24 @@ def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH) -
         A new dict; ``train_batch_size`` is dropped when 'auto' (DeepSpeed derives it from micro-batch x
         accumulation x data-parallel size).
 
+    ``--fp16`` enables the ``fp16`` section with :data:`FP16_DYNAMIC_LOSS_SCALE` under the keys the JSON
+    sets; ``--bf16`` the ``bf16`` section; an 'auto' ``fp16.enabled`` / ``bf16.enabled`` follows the flag (as
+    the transformers integration does).
+
     Raises:
-        UsageError: an 'auto' value that no flag fills.
+        UsageError: an 'auto' value that no flag fills; a precision flag against a JSON that enables the
+            other precision, or a JSON that enables both.
     """
     out = copy.deepcopy(cfg)
+    for name in ("bf16", "fp16"):
+        section = out.get(name)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            section["enabled"] = bool(getattr(args, name, False))
+    for flag, other in (("bf16", "fp16"), ("fp16", "bf16")):
+        if getattr(args, flag, False) and _enabled(out, other):
+            raise UsageError(f"--{flag}: the DeepSpeed JSON enables {other}; set its {other}.enabled false, or drop --{flag}")
+    if getattr(args, "fp16", False):
+        out["fp16"] = {**FP16_DYNAMIC_LOSS_SCALE, **out.get("fp16", {}), "enabled": True}
     _fill(out, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size, True)
     _fill(out, "train_micro_batch_size_per_gpu", micro_batch, False)
     _fill(out, "gradient_accumulation_steps", args.gradient_accumulation_steps, True)
@@ -71,6 +90,8 @@ def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH) -
         del out["train_batch_size"]
     if args.bf16:
         out["bf16"] = {**out.get("bf16", {}), "enabled": True}
+    if bf16_enabled(out) and fp16_enabled(out):
+        raise UsageError("--deepspeed_config: the JSON enables both bf16 and fp16; enable one (bf16 where the GPU has it, else fp16)")
     opt = out.get("optimizer", {}).get("params")
     if opt is not None:
         _fill(opt, "lr", args.learning_rate, True)
@@ -113,7 +134,7 @@ class _ReadKeys(dict):
         return super().__contains__(key)
 
 
-def validate_ds_config(cfg: dict, path: str, world_size: int, device: str) -> None:
+def validate_ds_config(cfg: dict, path: str, world_size: int, device: str, *, fp16_flag: bool = False) -> None:
     """Check a resolved DeepSpeed config before any process starts, with DeepSpeed's own parser
     (``deepspeed.runtime.config.DeepSpeedConfig``: its pydantic section models forbid unknown keys, e.g.
     a misspelt ``zero_optimization.overlap_com``), plus what that parser lets through: a top-level key it
@@ -123,6 +144,7 @@ def validate_ds_config(cfg: dict, path: str, world_size: int, device: str) -> No
     Args:
         cfg: from :func:`resolve_ds_config`. path: ``--deepspeed_config`` (for the message).
         world_size: the data-parallel ranks of the run. device: the accelerator's name (``cpu``, ``cuda``).
+        fp16_flag: ``--fp16`` was given (the CPU refusal then names the flag rather than the JSON).
 
     Raises:
         UsageError: the first problem, naming the key and the fix.
@@ -133,9 +155,11 @@ def validate_ds_config(cfg: dict, path: str, world_size: int, device: str) -> No
     if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * accum * world_size:
         raise UsageError(f"--deepspeed_config: train_batch_size {cfg['train_batch_size']} in {path} is not micro-batch {micro} x gradient "
                          f"accumulation {accum} x {world_size} rank(s) = {micro * accum * world_size}; set it to that, or to \"auto\"")
+    if device == "cpu" and fp16_flag:
+        raise UsageError("--fp16: the CPU accelerator trains in fp32 or bf16 only (fp16 with loss scaling is for GPUs); drop --fp16 (--bf16 for bf16)")
     if device == "cpu" and cfg.get("fp16", {}).get("enabled") not in (None, False):
-        raise UsageError(f"--deepspeed_config: fp16 is enabled in {path}, and the CPU accelerator trains in fp32 or bf16 only; "
-                         "set fp16.enabled false (--bf16 for bf16)")
+        raise UsageError(f"--deepspeed_config: fp16 is enabled in {path}, and the CPU accelerator trains in fp32 or bf16 only (fp16, as --fp16, "
+                         "is for GPUs); set fp16.enabled false (--bf16 for bf16)")
     checked = _ReadKeys({k: v for k, v in copy.deepcopy(cfg).items() if k != "train_batch_size"})  # the batch is checked above, over the real ranks
     try:
         DeepSpeedConfig(checked)
@@ -159,9 +183,18 @@ def zero_stage(cfg: dict) -> int:
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
+def _enabled(cfg: dict, name: str) -> bool:
+    return bool(cfg.get(name, {}).get("enabled", False))
+
+
 def bf16_enabled(cfg: dict) -> bool:
     """Whether the config trains in bf16."""
-    return bool(cfg.get("bf16", {}).get("enabled", False))
+    return _enabled(cfg, "bf16")
+
+
+def fp16_enabled(cfg: dict) -> bool:
+    """Whether the config trains in fp16 (with DeepSpeed's loss scaling)."""
+    return _enabled(cfg, "fp16")
 
 
 TEACHER_LIVE_PARAMETERS = 10**8  # default cap on the teacher's gathered parameters (2 x DeepSpeed's default prefetch bucket)
@@ -172,7 +205,8 @@ def teacher_ds_config(student_cfg: dict, offload: str | None = None) -> dict:
 
     ZeRO-3 with the student's stage-3 settings when the student runs stage 3 (the teacher is sharded over
     the same ranks; gathered parameters are released after use: ``stage3_max_reuse_distance`` 0 and
-    ``stage3_max_live_parameters`` at most two prefetch buckets), stage 0 otherwise; same precision and micro-batch; no optimizer, scheduler or
+    ``stage3_max_live_parameters`` at most two prefetch buckets), stage 0 otherwise; same precision and micro-batch (fp16 without
+    loss-scaling keys: no optimizer, so nothing is scaled); no optimizer, scheduler or
     gradient settings. As trl ``prepare_deepspeed`` and DeepSpeed-Chat ``_init_ref``.
 
     Args:
@@ -187,6 +221,7 @@ def teacher_ds_config(student_cfg: dict, offload: str | None = None) -> dict:
         "train_micro_batch_size_per_gpu": student_cfg["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": student_cfg.get("gradient_accumulation_steps", 1),
         "bf16": {"enabled": bf16_enabled(student_cfg)},
+        "fp16": {"enabled": fp16_enabled(student_cfg)},
         "steps_per_print": student_cfg.get("steps_per_print", 10**9),
     }
     if zero_stage(student_cfg) == 3 or offload == "cpu":

@@ -18,7 +18,7 @@ from torch import nn
 
 from .features import block_path
 
-__all__ = ["EarlyExit", "FINAL_NORM_NAMES", "swapped_modules"]
+__all__ = ["EarlyExit", "FINAL_NORM_NAMES", "swapped_modules", "path_of"]
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")  # Llama/Mistral/Qwen, GPT-2, OPT, ...
 
@@ -35,7 +35,8 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), name
 
 
-def _path_of(model: nn.Module, module: nn.Module) -> str | None:
+def path_of(model: nn.Module, module: nn.Module) -> str | None:
+    """The dotted name of ``module`` inside ``model`` (``named_modules``), or None when it is not a submodule."""
     return next((name for name, m in model.named_modules() if m is module), None)
 
 
@@ -60,11 +61,11 @@ class EarlyExit:
             raise ValueError(f"EarlyExit: depth must be in 1..{len(self.blocks)}, got {depth}")
         self.depth = depth
         base = getattr(model, "base_model", model)
-        prefix = _path_of(model, base) or ""
+        prefix = path_of(model, base) or ""
         self.norm_path = next((f"{prefix}.{n}".lstrip(".") for n in FINAL_NORM_NAMES
                                if isinstance(getattr(base, n, None), nn.Module)), None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.head_path = _path_of(model, head) if head is not None else None
+        self.head_path = path_of(model, head) if head is not None else None
 
     def active(self):
         """Swap in the cut (blocks, identity norm, empty head); restore the model on exit, whatever happens."""

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .early_exit import _path_of, swapped_modules
-from .losses.fused import DEFAULT_CHUNK_SIZE, FusedLogitLosses, fused_linear_ce_kd
+from .early_exit import path_of, swapped_modules
+from .losses.fused import DEFAULT_CHUNK_SIZE, FusedLogitLosses, fused_linear_ce_kd, fused_linear_cross_entropy
 
-__all__ = ["FusedLogitHead", "fused_head_problem"]
+__all__ = ["FusedLogitHead", "fused_head_problem", "fused_loss_sum"]
 
 
 def fused_head_problem(model: nn.Module) -> str | None:
@@ -84,7 +84,7 @@ class FusedLogitHead:
         if self.teacher is None:
             yield
             return
-        with swapped_modules(self.teacher, [(_path_of(self.teacher, self.teacher.get_output_embeddings()), nn.Identity())]):
+        with swapped_modules(self.teacher, [(path_of(self.teacher, self.teacher.get_output_embeddings()), nn.Identity())]):
             yield
 
     @contextmanager
@@ -127,6 +127,37 @@ class FusedLogitHead:
             yield result
         finally:
             del head.forward
+
+
+@contextmanager
+def fused_loss_sum(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """While active, ``model``'s LM head returns the summed next-token cross-entropy (0-dim, nats) of
+    ``input_ids`` over the targets ``mask`` counts, computed chunk by chunk from its input
+    (:func:`~fcd_ds.losses.fused.fused_linear_cross_entropy`, ``reduction="sum"``) instead of its
+    (B, N, V) logits: held-out evaluation of a causal LM without the logits. As :meth:`FusedLogitHead.student_loss`,
+    the head module itself still runs, so ZeRO-3 gathers its (possibly tied) weight for the call.
+
+    Args:
+        model: a causal LM whose head :func:`fused_head_problem` accepts (a ``DeepSpeedEngine``'s ``.module``).
+        input_ids: (B, N) token ids. mask: (B, N), 1 = token j is a counted target.
+
+    Raises:
+        ValueError: a head :func:`fused_head_problem` rejects.
+    """
+    problem = fused_head_problem(model)
+    if problem:
+        raise ValueError(f"fused_loss_sum: {problem}")
+    head = model.get_output_embeddings()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # hidden: (B, N, C), after the final norm
+        with record_function("eval/fused_logits"):
+            return fused_linear_cross_entropy(hidden, head.weight, input_ids, mask, bias=head.bias, reduction="sum", chunk_size=chunk_size)
+
+    head.forward = forward  # an instance attribute: nn.Module.__call__ (and its ZeRO-3 hooks) still run
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def _gathered(params: list):

@@ -36,6 +36,8 @@ __all__ = [
     "load_model",
     "max_positions",
     "check_weight_files",
+    "check_attn_implementation",
+    "revision_unused_warning",
 ]
 
 # Models whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``):
@@ -48,10 +50,11 @@ def _remote_code_hint(exc: Exception) -> str:
     return "; it ships its own code, which runs only with --trust_remote_code (pass it if you trust the folder)" if "trust_remote_code" in str(exc) else ""
 
 
-def load_config(name_or_path: str, flag: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+def load_config(name_or_path: str, flag: str, *, trust_remote_code: bool = False, revision: str | None = None) -> PretrainedConfig:
     """``AutoConfig.from_pretrained`` with a one-line :class:`UsageError` naming ``flag`` on failure.
 
-    ``name_or_path`` may be a model folder, a ``config.json`` file, or a hub name. A folder whose config
+    ``name_or_path`` may be a model folder, a ``config.json`` file, or a hub name, read at ``revision``
+    (``--revision``: branch, tag or commit; None: ``main``; a folder or file ignores it, as transformers does). A folder whose config
     maps to its own code (``auto_map``) is refused unless ``trust_remote_code`` (``--trust_remote_code``):
     transformers is told ``trust_remote_code=False``, so it never asks on stdin and never runs the code.
     """
@@ -63,7 +66,7 @@ def load_config(name_or_path: str, flag: str, *, trust_remote_code: bool = False
             if model_type is None:
                 raise UsageError(f"{flag}: {path} has no 'model_type'; add e.g. \"model_type\": \"gpt2\"")
             return AutoConfig.for_model(model_type, **data)
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except UsageError:
         raise
     except Exception as exc:  # OSError (missing), JSONDecodeError, ValueError (unknown type), hub errors
@@ -72,11 +75,11 @@ def load_config(name_or_path: str, flag: str, *, trust_remote_code: bool = False
         raise UsageError(f"{flag}: cannot load a model config from {name_or_path!r} ({first}){fix}") from None
 
 
-def load_tokenizer(name_or_path: str, flag: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` (``trust_remote_code`` as :func:`load_config`) with a :class:`UsageError`
-    naming ``flag`` on failure."""
+def load_tokenizer(name_or_path: str, flag: str, *, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` (``trust_remote_code`` and ``revision`` as :func:`load_config`) with a
+    :class:`UsageError` naming ``flag`` on failure."""
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{flag}: cannot load a tokenizer from {name_or_path!r} ({first}){_remote_code_hint(exc)}") from None
@@ -128,31 +131,37 @@ def pruned_student_config(teacher_config: PretrainedConfig, k: int) -> Pretraine
     return cfg
 
 
-def _weight_files(name_or_path: str) -> list[Path]:
+def _weight_files(name_or_path: str, revision: str | None = None) -> list[Path]:
     path = Path(name_or_path)
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+        path = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UsageError(f"--student_num_layers: no *.safetensors weights in {path}; save the teacher with save_pretrained")
     return files
 
 
-def check_weight_files(name_or_path: str, flag: str) -> None:
+def check_weight_files(name_or_path: str, flag: str, use_safetensors: bool = True) -> None:
     """Check every ``*.safetensors`` file of a local model folder against its own header: the header's
     last tensor must end at the file's end (the safetensors format: an 8-byte little-endian header length,
     the JSON header, then the tensor bytes at the header's ``data_offsets``). Reads the headers only.
-    A hub name or a folder without safetensors files is left to the loader.
+    A folder whose only weights are pickled ``*.bin`` files is refused unless ``use_safetensors`` is False
+    (``--use_safetensors false``). A hub name, or a folder without weight files, is left to the loader.
 
     Raises:
-        UsageError: a file is truncated, or its header cannot be read; names the file and the fix.
+        UsageError: a file is truncated, or its header cannot be read; only .bin weights by default; names
+            the file and the fix.
     """
     path = Path(name_or_path)
     if not path.is_dir():
         return
-    for file in sorted(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if use_safetensors and not files and any(path.glob("*.bin")):
+        raise UsageError(f"{flag}: {path} has only pickled .bin weights (unpickling can run code); pass --use_safetensors false "
+                         "if you trust the folder, or save it again with save_pretrained (safetensors)")
+    for file in files:
         size = file.stat().st_size
         try:
             with open(file, "rb") as f:
@@ -167,6 +176,45 @@ def check_weight_files(name_or_path: str, flag: str) -> None:
             raise UsageError(f"{flag}: {file} is truncated ({size:,} bytes, its header needs {8 + n + end:,}); copy or save it again")
 
 
+def check_attn_implementation(value: str | None, device: str, dtype: torch.dtype) -> None:
+    """Refuse ``--attn_implementation flash_attention_2`` where it cannot run, before any model is built:
+    transformers' own test (``transformers.utils.is_flash_attn_2_available``: the flash_attn package >= 2.3.3
+    and a CUDA device), then the dtypes its kernels take (float16, bfloat16). Without this, transformers
+    fails only once the model is built (or, with the ``kernels`` package, fetches a kernel from the hub).
+    ``eager``, ``sdpa`` and None are left to transformers.
+
+    Args:
+        value: ``--attn_implementation``. device: the DeepSpeed accelerator's name (``cuda``, ``cpu``, ...).
+        dtype: the models' dtype (:func:`~fcd_ds.build.model_dtype`).
+
+    Raises:
+        UsageError: flash_attention_2 on a non-CUDA accelerator, without flash_attn, or in float32.
+    """
+    if value != "flash_attention_2":
+        return
+    import importlib.util
+
+    from transformers.utils import is_flash_attn_2_available
+
+    if device != "cuda" or not is_flash_attn_2_available():
+        why = (f"the {device} accelerator is not CUDA" if device != "cuda"
+               else "the flash_attn package is not installed" if importlib.util.find_spec("flash_attn") is None
+               else "transformers finds no usable flash_attn (>= 2.3.3) with a CUDA device")
+        raise UsageError(f"--attn_implementation flash_attention_2: {why}; use sdpa (or eager), or run on a CUDA GPU with flash-attn installed")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise UsageError(f"--attn_implementation flash_attention_2: its kernels take fp16 or bf16, and the models are {dtype}; add --bf16 (or --fp16), or use sdpa")
+
+
+def revision_unused_warning(revision: str | None, models: dict[str, str | None]) -> str | None:
+    """The one-line warning when ``--revision`` is set but every model given (``{flag: path}``; None =
+    not given) is a local folder or file, which transformers reads as it is; None otherwise."""
+    given = [flag for flag, path in models.items() if path is not None]
+    if revision is None or not given or not all(Path(models[flag]).exists() for flag in given):
+        return None
+    return (f"warning: --revision {revision} has no effect: {', '.join(given)} {'is a local path' if len(given) == 1 else 'are local paths'} "
+            "(a revision selects a commit of a hub name)")
+
+
 def prune_teacher(
     teacher: str,
     teacher_config: PretrainedConfig,
@@ -174,6 +222,9 @@ def prune_teacher(
     dtype: torch.dtype,
     auto_class=AutoModelForCausalLM,
     config_updates: dict | None = None,
+    *,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Build a K-block student from the teacher's weights (see module docstring).
 
@@ -182,6 +233,8 @@ def prune_teacher(
         teacher_config: its config. k: student block count. dtype: student parameter dtype.
         auto_class: the task's Auto class. config_updates: attributes set on the student config
             (``num_labels``, ``id2label``, ...).
+        revision: ``--revision`` of a hub-name teacher (its weights are read at that commit).
+        attn_implementation: ``--attn_implementation`` of the student (None: transformers' choice).
 
     Returns:
         The student on CPU; every parameter of the base model loaded from the teacher, the head too when
@@ -196,7 +249,7 @@ def prune_teacher(
     cfg = pruned_student_config(teacher_config, k)
     for key, value in (config_updates or {}).items():
         setattr(cfg, key, value)
-    student = auto_class.from_config(cfg, dtype=dtype)
+    student = auto_class.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
     prefix = block_path(student) + "."
     base = getattr(student, "base_model_prefix", "")
     wanted = {}  # teacher key -> student key
@@ -209,7 +262,7 @@ def prune_teacher(
         if base and source.startswith(base + "."):  # a checkpoint of the bare base model has no prefix
             wanted.setdefault(source[len(base) + 1 :], key)
     state = {}
-    for file in _weight_files(teacher):
+    for file in _weight_files(teacher, revision):
         with safe_open(str(file), framework="pt") as f:
             for tkey in f.keys():
                 if tkey in wanted and wanted[tkey] not in state:
@@ -230,19 +283,22 @@ def prune_teacher(
 
 
 def load_model(name_or_path: str, auto_class, dtype: torch.dtype, flag: str, config_updates: dict | None = None, *,
-               trust_remote_code: bool = False, use_safetensors: bool = True) -> nn.Module:
+               trust_remote_code: bool = False, use_safetensors: bool = True, revision: str | None = None,
+               attn_implementation: str | None = None) -> nn.Module:
     """``auto_class.from_pretrained`` with ``config_updates`` as config overrides (a ZeRO-3
     ``HfDeepSpeedConfig`` alive around this call makes transformers build it already partitioned).
     Weights are read from safetensors files only unless ``use_safetensors`` is False (``--use_safetensors
     false``: pickled ``.bin`` files too, which transformers loads with ``weights_only=True``); a model's own
-    code runs only with ``trust_remote_code``.
+    code runs only with ``trust_remote_code``. A hub name is read at ``revision`` (``--revision``; a folder
+    ignores it); ``attn_implementation`` is transformers' (``--attn_implementation``; None: its own choice).
 
     Raises:
         UsageError: naming ``flag``, when the folder or hub name does not hold such a model.
     """
     try:
         return auto_class.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                          use_safetensors=use_safetensors, **(config_updates or {}))
+                                          use_safetensors=use_safetensors, revision=revision,
+                                          attn_implementation=attn_implementation, **(config_updates or {}))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         safetensors = "; it has no safetensors weights: pass --use_safetensors false to read its .bin files" if "safetensors" in first.lower() and use_safetensors else ""

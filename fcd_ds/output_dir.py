@@ -7,7 +7,8 @@ Layout of ``OUTPUT_DIR``::
     .fcd_ds.lock          held (``flock``) by global rank 0 for the life of a run; names the holder
     checkpoints/          DeepSpeed save_checkpoint folders (global_step{N}/, latest) + per-rank states
     student/              the distilled student (``model/`` for launchers/finetune_teacher.py)
-    runs/                 TensorBoard events
+    runs/                 TensorBoard events (--report_to tensorboard)
+    wandb/                offline Weights & Biases runs and the run id a resume continues (--report_to wandb)
     train_log.jsonl       one JSON line per logged step
     metrics.json          final metrics
     run_config.json       resolved arguments and DeepSpeed JSON of the run
@@ -40,7 +41,7 @@ __all__ = ["MANIFEST", "LOCK_FILE", "RUN_FILES", "run_entries", "read_manifest",
 
 MANIFEST = "fcd_ds_manifest.json"
 LOCK_FILE = ".fcd_ds.lock"
-RUN_FILES = ("checkpoints", "runs", "train_log.jsonl", "metrics.json", "run_config.json")  # besides the export folder
+RUN_FILES = ("checkpoints", "runs", "wandb", "train_log.jsonl", "metrics.json", "run_config.json")  # besides the export folder
 
 
 def run_entries(export_name: str) -> tuple[str, ...]:

@@ -6,19 +6,21 @@ classification) the label column are read (seconds); each problem raises one
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
-from .checkpoint import auto_resume_action, check_checkpoint_files, check_output_dir, check_resume_layout, read_trainer_state
+from .runtime.checkpoint import auto_resume_action, check_checkpoint_files, check_output_dir, check_resume_layout, read_trainer_state
 from .data import TextCorpus
-from .distributed import world_size
+from .runtime.distributed import world_size
 from .ds_config import load_ds_config, resolve_ds_config, validate_ds_config
 from .errors import UsageError
 from .layer_map import LayerPair, parse_layer_map
-from .models import check_same_tokenizer, check_weight_files, kept_teacher_blocks, load_config, load_tokenizer, max_positions, pruned_student_config
+from .models import (check_attn_implementation, check_same_tokenizer, check_weight_files, kept_teacher_blocks, load_config, load_tokenizer,
+                     max_positions, pruned_student_config, revision_unused_warning)
 from .tasks import CausalLMTask, MaskedLMTask, SequenceClassificationTask, has_mlm_head, read_label_spec
 from .tasks.classification import load_raw
 
-__all__ = ["RunPlan", "plan_run", "student_num_params"]
+__all__ = ["RunPlan", "plan_run", "student_num_params", "check_minilm"]
 
 
 @dataclass
@@ -63,9 +65,9 @@ class RunPlan:
 
 def _student_config(model_args, teacher_config):
     if model_args.student is not None:
-        return load_config(model_args.student, "--student", trust_remote_code=model_args.trust_remote_code)
+        return load_config(model_args.student, "--student", trust_remote_code=model_args.trust_remote_code, revision=model_args.revision)
     if model_args.student_config is not None:
-        return load_config(model_args.student_config, "--student_config", trust_remote_code=model_args.trust_remote_code)
+        return load_config(model_args.student_config, "--student_config", trust_remote_code=model_args.trust_remote_code, revision=model_args.revision)
     return pruned_student_config(teacher_config, model_args.student_num_layers)
 
 
@@ -81,35 +83,6 @@ def _build_task(data_args, tokenizer, head_config, seed: int):
     return SequenceClassificationTask(raw, read_label_spec(raw, data_args), data_args)
 
 
-def _check_teacher_head(task, teacher_config, teacher: str, distill_args) -> None:
-    """A classification teacher must be task-tuned on this label set; a headless MLM teacher trains by
-    feature-level terms alone; logit relations need a distribution over classes."""
-    if isinstance(task, SequenceClassificationTask):
-        archs = getattr(teacher_config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise UsageError(
-                f"--teacher: {teacher} is not fine-tuned for sequence classification (architectures {archs}); "
-                "fine-tune it on the task first with launchers/finetune_teacher.py"
-            )
-        if teacher_config.num_labels != task.labels.num_labels:
-            raise UsageError(
-                f"--teacher: its head has {teacher_config.num_labels} labels, the data {task.labels.num_labels} "
-                f"({', '.join(task.labels.names) or 'regression'}); use a teacher fine-tuned on this task"
-            )
-        names = [teacher_config.id2label[i] for i in range(teacher_config.num_labels)]
-        generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
-        if not task.labels.is_regression and not generic and tuple(names) != task.labels.names:
-            raise UsageError(f"--teacher: its labels {names} differ from the data's {list(task.labels.names)}; fix --label_column or the teacher")
-        if task.labels.is_regression and distill_args.dist_weight:
-            raise UsageError("--dist_weight: DIST relates class distributions and a regression head has none; drop dist from --loss (use kd: MSE on predictions)")
-    if isinstance(task, MaskedLMTask) and not task.mlm:
-        for term in ("kd", "dist"):
-            if distill_args.weights[term]:
-                raise UsageError(f"--{term}_weight: the teacher {teacher} has no MLM head to distil logits from; drop {term} from --loss")
-        if not any(distill_args.weights[t] for t in ("fcd", "hidden_mse", "minilm")):
-            raise UsageError(f"--loss: the teacher {teacher} has no MLM head, so only fcd, hidden_mse or minilm can train; add one")
-
-
 def _attention_widths(cfg) -> tuple[int, int]:
     """(query width, key/value width) of a config: heads x head_dim, fewer key/value heads under GQA."""
     heads = cfg.num_attention_heads
@@ -118,7 +91,7 @@ def _attention_widths(cfg) -> tuple[int, int]:
     return heads * head_dim, kv_heads * head_dim
 
 
-def _check_minilm(distill_args, teacher_config, student_config, task) -> None:
+def check_minilm(distill_args, teacher_config, student_config, task) -> None:
     """Resolve ``--minilm_relation_heads`` (default: the teacher's key/value heads) and check it divides
     every query/key/value width, and that both models' attention layout is one the capture knows
     (checked on a meta-device copy: no memory, no weights read)."""
@@ -168,28 +141,36 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
     ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args, launcher.micro_batch)
     from deepspeed.accelerator import get_accelerator
 
-    validate_ds_config(ds_config, train_args.deepspeed_config, world_size(), get_accelerator().device_name())
+    validate_ds_config(ds_config, train_args.deepspeed_config, world_size(), get_accelerator().device_name(), fp16_flag=train_args.fp16)
     check_output_dir(train_args.output_dir, resume=train_args.resume, overwrite=train_args.overwrite_output_dir,
                      auto_resume=train_args.auto_resume, export_name=launcher.export_name)
 
+    from .build import model_dtype
+    from .runtime.distributed import is_main_process
+
+    check_attn_implementation(model_args.attn_implementation, get_accelerator().device_name(), model_dtype(ds_config))
     teacher = None if launcher.finetune else model_args.teacher
-    remote = model_args.trust_remote_code
-    teacher_config = load_config(teacher, "--teacher", trust_remote_code=remote) if teacher is not None else None
-    tokenizer = (load_tokenizer(teacher, "--teacher", trust_remote_code=remote) if teacher is not None
-                 else load_tokenizer(model_args.student, "--model_name_or_path", trust_remote_code=remote))
+    student_flag = "--student" if teacher is not None else "--model_name_or_path"
+    unused = revision_unused_warning(model_args.revision, {"--teacher": teacher, student_flag: model_args.student,
+                                                           "--student_config": model_args.student_config})
+    if unused and is_main_process():
+        print(unused, file=sys.stderr, flush=True)
+    remote, revision = model_args.trust_remote_code, model_args.revision
+    teacher_config = load_config(teacher, "--teacher", trust_remote_code=remote, revision=revision) if teacher is not None else None
+    tokenizer = (load_tokenizer(teacher, "--teacher", trust_remote_code=remote, revision=revision) if teacher is not None
+                 else load_tokenizer(model_args.student, "--model_name_or_path", trust_remote_code=remote, revision=revision))
     if teacher is not None and model_args.student is None and model_args.student_config is None and model_args.student_num_layers is None:
         model_args.student_num_layers = max(1, round(teacher_config.num_hidden_layers * launcher.student_depth))
     student_config = _student_config(model_args, teacher_config)
     task = _build_task(data_args, tokenizer, teacher_config if teacher is not None else student_config, train_args.seed)
     if teacher is None:
-        if isinstance(task, MaskedLMTask) and not task.mlm:
-            raise UsageError(f"--model_name_or_path: {model_args.student} has no MLM head, so --task masked_lm has no loss to fine-tune on")
+        task.check_finetune(model_args.student)
         pairs, attention_pairs = [], []
     else:
-        _check_teacher_head(task, teacher_config, teacher, distill_args)
+        task.check_teacher(teacher_config, teacher, distill_args)
         if model_args.student is not None:
             try:
-                student_tokenizer = load_tokenizer(model_args.student, "--student", trust_remote_code=remote)
+                student_tokenizer = load_tokenizer(model_args.student, "--student", trust_remote_code=remote, revision=revision)
             except UsageError:
                 student_tokenizer = None  # a student folder without tokenizer files uses the teacher's
             if student_tokenizer is not None:
@@ -206,10 +187,10 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         attention_pairs = (parse_layer_map(distill_args.minilm_layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers,
                                            pruned_from, flag="--minilm_layer_map") if distill_args.uses_attention else [])
         if distill_args.uses_attention:
-            _check_minilm(distill_args, teacher_config, student_config, task)
+            check_minilm(distill_args, teacher_config, student_config, task)
     for flag, path in (("--teacher", teacher), ("--student" if teacher is not None else "--model_name_or_path", model_args.student)):
         if path is not None:
-            check_weight_files(path, flag)
+            check_weight_files(path, flag, model_args.use_safetensors)
     models = (("--teacher", teacher_config), ("--student", student_config)) if teacher is not None else (("--model_name_or_path", student_config),)
     for flag, cfg in models:
         limit = max_positions(cfg)

@@ -7,25 +7,45 @@ Progress and state live in one :class:`TrainState`, saved as the DeepSpeed check
 so that ``--resume`` continues with the losses an uninterrupted run would have given.
 
 Stops: a stop signal (SIGTERM, SIGUSR1, SIGINT) on any rank is agreed at every step boundary and after every
-evaluation batch (:mod:`fcd_ds.preemption`); the run saves a checkpoint of the last finished step and
-raises :class:`~fcd_ds.preemption.Preempted`. A non-finite training loss raises :class:`NonFiniteLoss`
+evaluation batch (:mod:`fcd_ds.runtime.preemption`); the run saves a checkpoint of the last finished step and
+raises :class:`~fcd_ds.runtime.preemption.Preempted`. A non-finite training loss raises :class:`NonFiniteLoss`
 without saving. A launcher catches :data:`STOPS` and returns :func:`finish`'s exit status.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 import shutil
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import datasets
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from .build import build_student_engine, build_teacher_engine, current_loss_scale, gather_param_shares, model_dtype, uses_activation_checkpointing
+from .data import eval_batches, make_micro_batches
+from .engine import DistillEngine
 from .errors import UsageError
-from .preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, StopFlag
+from .layer_map import layer_map_to_str
+from .model_card import model_card
+from .output_dir import check_free_space, claim, clear_run_files, OutputLock, run_entries
+from .plan import student_num_params
+from .runtime.checkpoint import check_output_dir, check_resume_layout, export_student, latest_tag, load_checkpoint, load_rank_state, save_checkpoint
+from .runtime.distributed import all_reduce_host, is_main_process, main_process_first, release_deepspeed_shm_buffer
+from .runtime.host_memory import apply_host_memory_reuse
+from .runtime.metrics import measure_matmul_tflops, MetricLogger, transformer_flops_per_token
+from .runtime.preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, StopFlag
 
 __all__ = ["TrainState", "Job", "NonFiniteLoss", "OutputWriteError", "STOPS", "setup", "train", "evaluate", "save", "usage_error", "finish", "exit_now"]
 
@@ -68,7 +88,6 @@ def _writing(what: str, partial: Path, output_dir: Path):
     except (OSError, RuntimeError) as exc:
         if not _is_write_failure(exc):
             raise
-        from .checkpoint import latest_tag
 
         shutil.rmtree(partial, ignore_errors=True)
         raise OutputWriteError(what, exc, latest_tag(output_dir), output_dir) from None
@@ -107,7 +126,7 @@ class Job:
     state: TrainState
     flops_per_token: float
     teacher_shares: list | None
-    logger: object  # fcd_ds.metrics.MetricLogger: TensorBoard + train_log.jsonl (rank 0), closed by save()
+    logger: object  # fcd_ds.runtime.metrics.MetricLogger: --report_to sinks + train_log.jsonl (rank 0), closed by save()
     stop: StopFlag  # SIGTERM/SIGUSR1 handlers, agreed at step boundaries
     saved_step: int = 0  # step of the newest checkpoint this process saved or loaded
     threads: int = 0  # torch's intra-op threads on this rank
@@ -121,7 +140,6 @@ def _let_rank0_report() -> None:
     """On ranks other than 0, wait :data:`REPORT_GRACE_S` before a failing exit: DeepSpeed's launcher
     terminates every rank as soon as one exits non-zero (deepspeed/launcher/launch.py), which could kill
     rank 0 before it printed the one-line reason."""
-    from .distributed import is_main_process
 
     if not is_main_process():
         time.sleep(REPORT_GRACE_S)
@@ -129,7 +147,6 @@ def _let_rank0_report() -> None:
 
 def _report_usage(exc: UsageError) -> int:
     """Print ``error: <message>`` (rank 0 only); the exit status 2, as argparse."""
-    from .distributed import is_main_process
 
     if is_main_process():
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -149,11 +166,11 @@ def _prefixed(prefix: str, metrics: dict, suffix: str = "") -> dict:
 
 
 def setup(plan) -> Job:
-    """Set host memory reuse (``--host_memory_reuse``, :mod:`fcd_ds.host_memory`), start the process group,
+    """Set host memory reuse (``--host_memory_reuse``, :mod:`fcd_ds.runtime.host_memory`), start the process group,
     tokenise the data (rank 0 first), build the engines, then resume from the latest checkpoint or measure
     the starting point, and only then write to the output folder.
     SIGTERM, SIGUSR1 and SIGINT are caught from here on, and a launcher that exits makes the ranks stop
-    too (:class:`~fcd_ds.preemption.StopFlag`).
+    too (:class:`~fcd_ds.runtime.preemption.StopFlag`).
 
     Raises:
         UsageError: a problem found after the process group started (too little data for the batch,
@@ -161,21 +178,9 @@ def setup(plan) -> Job:
             with :func:`finish`.
         Preempted: a stop signal arrived during the start-up or the initial evaluation (nothing saved).
     """
-    from datetime import timedelta
 
     import deepspeed
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import set_seed
-
-    from .build import build_student_engine, build_teacher_engine, gather_param_shares, uses_activation_checkpointing
-    from .checkpoint import check_resume_layout, latest_tag, load_checkpoint, load_rank_state
-    from .output_dir import claim, clear_run_files, run_entries
-    from .data import eval_batches, make_micro_batches
-    from .distributed import main_process_first, release_deepspeed_shm_buffer
-    from .engine import DistillEngine
-    from .host_memory import apply_host_memory_reuse
-    from .metrics import MetricLogger, transformer_flops_per_token
 
     stop = StopFlag().install().watch_launcher()  # a launcher that exits unsignalled (SIGINT to `deepspeed` alone) stops the ranks too
     host_memory = apply_host_memory_reuse(plan.train_args.host_memory_reuse, get_accelerator().device_name())  # before any data or engine
@@ -184,7 +189,6 @@ def setup(plan) -> Job:
     rank, world = dist.get_rank(), dist.get_world_size()
     _lock_output_dir(plan)  # every rank has planned by now: a second run on this folder is refused here
     if rank != 0:
-        import datasets
 
         datasets.disable_progress_bars()  # rank 0 shows the tokenising and packing progress
     d, t, task = plan.data_args, plan.train_args, plan.task
@@ -251,7 +255,8 @@ def setup(plan) -> Job:
     if distiller.needs_teacher:
         flops += transformer_flops_per_token(plan.teacher_config, seq, head=task.vocab_head and plan.distill_args.uses_teacher_logits)
     logger = MetricLogger(out / "runs", out / "train_log.jsonl", resume_rows=state.log_rows if t.resume else None,
-                          resume_step=state.step if t.resume else None)
+                          resume_step=state.step if t.resume else None, report_to=t.report_to, wandb_dir=out,
+                          run_config=plan.run_config(world) if "wandb" in t.report_to else None)
     threads, matmul = _measure_compute(plan.ds_config)
     if rank == 0:
         print(f"fcd_ds: {world} rank(s) x {threads} torch thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
@@ -274,11 +279,6 @@ def _lock_output_dir(plan) -> None:
         UsageError: another run holds the folder, it cannot be written, it changed since planning, or its
             file system lacks the room (:func:`~fcd_ds.output_dir.check_free_space`).
     """
-    import torch.distributed as dist
-
-    from .checkpoint import check_output_dir
-    from .output_dir import OutputLock, check_free_space
-    from .plan import student_num_params
 
     global _LOCK
     t = plan.train_args
@@ -307,13 +307,8 @@ def _measure_compute(ds_config: dict) -> tuple[int, float]:
     """This rank's torch thread count and its dense matmul rate (TFLOP/s) in the run's dtype, measured
     by every rank at the same moment (so on a shared CPU each rank gets its share of the cores, as during
     training). The rank-0 mean is what achieved FLOP/s is divided by. Collective."""
-    import torch
-    import torch.distributed as dist
 
-    from .distributed import all_reduce_host
-    from .metrics import measure_matmul_tflops
-
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dtype = model_dtype(ds_config)  # bf16, fp16 or float32, as the models train
     dist.barrier()
     mine = torch.tensor([measure_matmul_tflops(n=2048 if dtype == torch.float32 else 4096, repeats=5, dtype=dtype)],
                         dtype=torch.float64)
@@ -323,9 +318,6 @@ def _measure_compute(ds_config: dict) -> tuple[int, float]:
 
 def _summed_over_ranks(*values: float) -> list[float]:
     """Sum of each value over the ranks (one small all-reduce; the values themselves without a process group)."""
-    import torch
-
-    from .distributed import all_reduce_host
 
     return all_reduce_host(torch.tensor(values, dtype=torch.float64)).tolist()
 
@@ -335,7 +327,6 @@ def _tflops_per_device(job: Job, tokens: float, seconds: float) -> float:
 
 
 def _save(job: Job) -> None:
-    from .checkpoint import save_checkpoint
 
     state = job.state
     state.data_position = job.micro_batches.position
@@ -356,12 +347,8 @@ def train(job: Job) -> None:
         Preempted: a stop signal on some rank; a checkpoint of the last finished step was saved first.
         NonFiniteLoss: a loss term was NaN or Inf on some rank; nothing saved (``latest`` is the last good one).
     """
-    import math
 
     from deepspeed.accelerator import get_accelerator
-    from tqdm.auto import tqdm
-
-    from .checkpoint import latest_tag
 
     t, state, student, logger = job.plan.train_args, job.state, job.distiller.student, job.logger
     seq = job.plan.data_args.max_seq_length
@@ -392,6 +379,8 @@ def train(job: Job) -> None:
                 "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
             })
             payload["perf/matmul_peak_fraction"] = payload["perf/tflops_per_device"] / job.matmul_tflops
+            if (scale := current_loss_scale(student)) is not None:  # fp16: DeepSpeed's dynamic loss scale, overflow-skipped steps so far
+                payload.update({"train/loss_scale": scale, "train/skipped_steps": student.skipped_steps})
             if t.peak_tflops:
                 payload["perf/mfu"] = payload["perf/tflops_per_device"] / t.peak_tflops
             if state.step % t.logging_steps == 0 or state.step == t.max_steps or any(bad):
@@ -430,9 +419,7 @@ def evaluate(job: Job) -> dict:
 def _peak_memory_per_rank() -> dict:
     """Every rank's peak resident host memory (``ru_maxrss``, GiB) and, on GPUs, peak allocated device
     memory (``max_memory_allocated``, GiB). Collective."""
-    import resource
 
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -454,9 +441,6 @@ def save(job: Job, metrics: dict) -> dict:
         Preempted: a stop signal on some rank before the export began (the final checkpoint is saved;
             a resumed run evaluates and exports again).
     """
-    from .checkpoint import export_student
-    from .layer_map import layer_map_to_str
-    from .model_card import model_card
 
     plan, state = job.plan, job.state
     student = job.distiller.student
@@ -479,6 +463,8 @@ def save(job: Job, metrics: dict) -> dict:
                **_peak_memory_per_rank(),
                "student_num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in student.module.parameters()),
                "layer_map": layer_map_to_str(plan.pairs) if plan.pairs else None}
+    if student.fp16_enabled():  # optimizer steps DeepSpeed skipped on an fp16 overflow (the loss scale halved instead)
+        metrics["skipped_steps"] = student.skipped_steps
     job.stop.check("export")
     name = plan.launcher.export_name
     with _writing(f"the {name} export or metrics.json", job.out / f"{name}.tmp", job.out):
@@ -495,14 +481,11 @@ def save(job: Job, metrics: dict) -> dict:
 
 def finish(code: int = 0, exc: Exception | None = None) -> int:
     """Report ``exc`` (if any) as one line on rank 0, destroy the process group, return the exit status:
-    2 for a :class:`~fcd_ds.errors.UsageError` (as argparse), :data:`~fcd_ds.preemption.REQUEUE_EXIT_CODE`
-    (75) for :class:`~fcd_ds.preemption.Preempted` by SIGTERM or SIGUSR1 (a checkpoint is saved: requeue
-    the job), :data:`~fcd_ds.preemption.INTERRUPT_EXIT_CODE` (130) for one by SIGINT,
-    :data:`~fcd_ds.preemption.NONFINITE_EXIT_CODE` (3) for :class:`NonFiniteLoss`, 1 for
+    2 for a :class:`~fcd_ds.errors.UsageError` (as argparse), :data:`~fcd_ds.runtime.preemption.REQUEUE_EXIT_CODE`
+    (75) for :class:`~fcd_ds.runtime.preemption.Preempted` by SIGTERM or SIGUSR1 (a checkpoint is saved: requeue
+    the job), :data:`~fcd_ds.runtime.preemption.INTERRUPT_EXIT_CODE` (130) for one by SIGINT,
+    :data:`~fcd_ds.runtime.preemption.NONFINITE_EXIT_CODE` (3) for :class:`NonFiniteLoss`, 1 for
     :class:`OutputWriteError` (printed by every rank that met it)."""
-    import torch.distributed as dist
-
-    from .distributed import is_main_process
 
     if isinstance(exc, UsageError):
         code = _report_usage(exc)

@@ -169,14 +169,16 @@ def test_llama_zero3_teacher_is_sharded_and_matches_zero2(tiny_models, corpus, t
 
 
 def test_fresh_student_from_a_config_file_at_zero3(tiny_models, corpus, tmp_path):
-    """--student_config: a randomly initialised student built already partitioned (ZeRO-3), 1 step."""
+    """--student_config: a randomly initialised student built already partitioned (ZeRO-3), 1 step; with
+    --attn_implementation eager for both models (recorded in run_config.json)."""
     config = json.loads((tiny_models["llama_student"] / "config.json").read_text())
     config["num_hidden_layers"] = 3
     path = tmp_path / "student_config.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "run"
     assert_ok(run_launcher(["--teacher", tiny_models["llama_teacher"], "--student_config", path, "--max_steps", 1,
-                            "--deepspeed_config", zero3_json(tmp_path), *common(corpus, out)]))
+                            "--deepspeed_config", zero3_json(tmp_path), "--attn_implementation", "eager", *common(corpus, out)]))
+    assert json.loads((out / "run_config.json").read_text())["model"]["attn_implementation"] == "eager"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["layer_map"] == "0:0@1,1:2@1,2:3@1"  # uniform, 3 student blocks onto 4
     student = AutoModelForCausalLM.from_pretrained(out / "student")

@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceCl
 
 from conftest import REPO, assert_ok, read_train_log, run_launcher, run_plain, snapshot
 from fcd_ds.config import DS_CONFIG_DIR
-from fcd_ds.task_metrics import compute_metrics
+from fcd_ds.tasks.glue_metrics import compute_metrics
 
 BERT = REPO / "launchers" / "distill_bert.py"
 ROBERTA = REPO / "launchers" / "distill_roberta.py"

@@ -79,14 +79,15 @@ def test_fused_head_refuses_what_it_cannot_run():
 def test_zero3_fused_and_plain_logit_losses_train_alike(tiny_models, corpus, tmp_path):
     """2 ranks, student and teacher ZeRO-3 with every parameter partitioned, GPT-2's tied head: two steps of
     CE + FCD + KD with the fused head and with the plain logits log the same terms (the second step also
-    checks that the first step's gradients, hence updates, were the same)."""
+    checks that the first step's gradients, hence updates, were the same), and held-out evaluation inside
+    the (partitioned) heads gives the plain logits' perplexities for teacher and student."""
     from fcd_ds.config import DS_CONFIG_DIR
 
     cfg = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds_json = tmp_path / "zero3_tiny.json"
     ds_json.write_text(json.dumps(cfg))
-    logs = {}
+    logs, metrics = {}, {}
     for name, extra in (("fused", []), ("plain", ["--fused_logit_loss", "false"])):
         out = tmp_path / name
         assert_ok(run_launcher(["--teacher", tiny_models["gpt2_teacher"], "--student", tiny_models["gpt2_student"],
@@ -94,7 +95,39 @@ def test_zero3_fused_and_plain_logit_losses_train_alike(tiny_models, corpus, tmp
                                 "--train_file", corpus["train"], "--validation_file", corpus["valid"], "--max_seq_length", 32,
                                 "--per_device_train_batch_size", 2, "--max_eval_samples", 8, "--output_dir", out, *extra]))
         logs[name] = read_train_log(out)
+        metrics[name] = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in logs["fused"]] == [1, 2]
     for fused, plain in zip(logs["fused"], logs["plain"]):
         for key in ("train/loss/ce", "train/loss/kd", "train/loss/fcd", "train/loss/total"):
             assert fused[key] == pytest.approx(plain[key], abs=2e-5), (fused["step"], key)
+    for key in ("teacher_eval_loss", "student_eval_loss_initial", "student_eval_loss"):
+        assert metrics["fused"][key] == pytest.approx(metrics["plain"][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_fused_loss_sum_equals_the_plain_evaluation(kind):
+    """Held-out evaluation inside the head (fused_loss_sum) gives CausalLMTask.eval_stats of the logits:
+    the same summed cross-entropy and target count, with a padded row, a loss mask and an empty row."""
+    from fcd_ds.fused_head import fused_loss_sum
+    from fcd_ds.tasks import CausalLMTask
+
+    student, _ = _pair(kind)
+    student.eval()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 512, (3, 40), generator=g)  # (B, N)
+    attention = torch.ones_like(ids)
+    attention[1, 25:] = 0
+    loss_mask = attention.clone()
+    loss_mask[:, :6] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "example_mask": torch.tensor([1, 1, 0])}
+    task = CausalLMTask()
+    with torch.no_grad():
+        plain = task.eval_stats(student(input_ids=ids, attention_mask=attention), batch)
+        with fused_loss_sum(student, ids, task.eval_mask(batch), chunk_size=16):
+            out = student(input_ids=ids, attention_mask=attention)
+        fused = task.eval_stats(out, batch, loss_sum=out.logits)
+    assert out.logits.dim() == 0  # the head returned the sum, no (B, N, V) logits
+    assert fused["targets"].item() == plain["targets"].item() == (34 + 19)
+    assert fused["loss_sum"].item() == pytest.approx(plain["loss_sum"].item(), rel=1e-6)
+    assert "forward" not in vars(student.get_output_embeddings())  # the head is itself again
+

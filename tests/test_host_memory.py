@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from fcd_ds.errors import UsageError
-from fcd_ds.host_memory import allocator_in_environment, glibc, resolve_host_memory_reuse
+from fcd_ds.runtime.host_memory import allocator_in_environment, glibc, resolve_host_memory_reuse
 
 # Allocates, fills and frees a 64 MiB tensor 30 times and prints the minor page faults of each round.
 # Run in its own process: mallopt is per process.
 FAULTS = """
 import json, resource, sys
 import torch
-from fcd_ds.host_memory import reuse_freed_host_memory
+from fcd_ds.runtime.host_memory import reuse_freed_host_memory
 if sys.argv[1] == "on":
     reuse_freed_host_memory()
 faults = []
@@ -81,7 +81,7 @@ class _RefusingGlibc:
 
 
 def test_a_refusing_glibc_leaves_auto_off_and_fails_true(monkeypatch):
-    from fcd_ds import host_memory
+    from fcd_ds.runtime import host_memory
 
     monkeypatch.setattr(host_memory, "glibc", lambda: _RefusingGlibc())
     why = host_memory.apply_host_memory_reuse("auto", "cpu", {})

@@ -35,7 +35,7 @@ def _errors(result) -> list[str]:
 def test_the_manifest_names_what_the_run_wrote_and_overwrite_removes_only_that(finished_run, flags, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    assert sorted(read_manifest(out)) == ["checkpoints", "metrics.json", "run_config.json", "runs", "student", "train_log.jsonl"]
+    assert sorted(read_manifest(out)) == ["checkpoints", "metrics.json", "run_config.json", "runs", "student", "train_log.jsonl", "wandb"]
     mode = (out / "student" / "model.safetensors").stat().st_mode & 0o777
     assert mode & 0o044 == 0o044, oct(mode)  # readable by the group and others, as the umask allows (safetensors wrote 0600)
     (out / "model").mkdir()  # the user's own folders and files beside the run, under names fcd_ds also uses elsewhere

@@ -17,10 +17,10 @@ import psutil
 import pytest
 
 from conftest import LAUNCHER, REPO, assert_ok, free_port, read_train_log, run_launcher, snapshot, tiny_config
-from fcd_ds.checkpoint import checkpoint_steps, latest_tag
+from fcd_ds.runtime.checkpoint import checkpoint_steps, latest_tag
 from fcd_ds.config import DS_CONFIG_DIR
 from fcd_ds.output_dir import claim
-from fcd_ds.preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
+from fcd_ds.runtime.preemption import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
 STEPS = 14
 COMPARED = ("train/loss/total", "train/loss/ce", "train/loss/fcd", "train/loss/kd", "train/lr")

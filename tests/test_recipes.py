@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from fcd_ds import defaults
-from fcd_ds.checkpoint import comparable_run_config
+from fcd_ds.runtime.checkpoint import comparable_run_config
 from fcd_ds.config import parse_args
 from fcd_ds.errors import UsageError
 from fcd_ds.plan import plan_run
@@ -56,6 +56,7 @@ def test_the_large_recipe_parses_and_its_deepspeed_json_and_batch_pass_the_check
     assert (model.teacher, model.student_num_layers, distill.weights) == (
         "/models/Llama-3.1-8B", 5, {"ce": 1.0, "fcd": 1.0, "kd": 1.0, "hidden_mse": 0.0, "minilm": 0.0, "dist": 0.0})
     assert data.dataset_prepared_path == "/data/prepared-llama-2048" and data.max_seq_length == 2048
+    assert model.attn_implementation == "flash_attention_2"
     cfg = resolve_ds_config(load_ds_config(str(REPO / train.deepspeed_config)), train, defaults.GPT.micro_batch)
     assert cfg["bf16"]["enabled"] and cfg["zero_optimization"]["stage"] == 3
     assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 16 * data.max_seq_length == 524_288

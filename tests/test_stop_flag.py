@@ -1,4 +1,4 @@
-"""fcd_ds.preemption.StopFlag in one process (no process group): SIGTERM and SIGUSR1 are recorded, not
+"""fcd_ds.runtime.preemption.StopFlag in one process (no process group): SIGTERM and SIGUSR1 are recorded, not
 acted on, until the next agreed boundary; the previous handlers come back on restore."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from fcd_ds.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, StopFlag
+from fcd_ds.runtime.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, StopFlag
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
@@ -40,7 +40,7 @@ def test_the_first_signal_decides_and_the_launcher_chain_is_checked_by_pid_and_s
     runner-alone case runs for real in tests/test_output_safety.py."""
     import psutil
 
-    from fcd_ds.preemption import _alive, launcher_chain
+    from fcd_ds.runtime.preemption import _alive, launcher_chain
 
     flag = StopFlag().install()
     try:

@@ -1,4 +1,4 @@
-"""fcd_ds.task_metrics: GLUE-convention metric names and values checked against hand computations."""
+"""fcd_ds.tasks.glue_metrics: GLUE-convention metric names and values checked against hand computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fcd_ds.errors import UsageError
-from fcd_ds.task_metrics import GLUE_TASK_KEYS, GLUE_VALIDATION_SPLIT, compute_metrics, metric_names
+from fcd_ds.tasks.glue_metrics import GLUE_TASK_KEYS, GLUE_VALIDATION_SPLIT, compute_metrics, metric_names
 
 # Binary set, 10 examples. Per position: TP TN FN TP TN TP FP TN TP FN
 LABELS = [1, 0, 1, 1, 0, 1, 0, 0, 1, 1]

@@ -148,7 +148,7 @@ def resolve_source(data_args, which: str) -> DataSource | None:
     """
     split = data_args.train_split if which == "train" else data_args.validation_split
     if which == "validation" and split == "validation" and data_args.task_name is not None:
-        from ..task_metrics import GLUE_VALIDATION_SPLIT
+        from .glue import GLUE_VALIDATION_SPLIT
 
         split = GLUE_VALIDATION_SPLIT.get(data_args.task_name, split)  # mnli: validation_matched
     if data_args.dataset_name is not None:

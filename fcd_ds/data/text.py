@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..distributed import is_main_process
+from ..runtime.distributed import is_main_process
 from ..errors import UsageError
 from .blocks import PACK_GROUP, pack_table, special_token_frame, truncate_table
 from .documents import DocumentEncoder, DocumentSpec, detect_form, document_markers, read_chat_template

@@ -2,7 +2,7 @@
 
 from .correlation import mean_one_minus_rho, pearson_correlation
 from .dist import dist_loss
-from .fcd import FCDTerms, fcd_loss, fcd_pair_terms, fcd_terms, sequence_loss, token_loss
+from .fcd import FCD_STACK_PAIRS, FCDTerms, fcd_loss, fcd_pair_terms, fcd_terms, sequence_loss, token_loss
 from .fused import FusedLogitLosses, fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kd
 from .hidden_mse import hidden_mse_loss
 from .kd import logit_kd_loss
@@ -18,6 +18,7 @@ from .relations import (
 )
 
 __all__ = [
+    "FCD_STACK_PAIRS",
     "FCDTerms",
     "FusedLogitLosses",
     "SEQUENCE_RELATIONS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_gather_with_grad
+from ..runtime.distributed import all_gather_with_grad
 
 __all__ = ["pearson_correlation", "mean_one_minus_rho"]
 

@@ -7,11 +7,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad
+from ..runtime.distributed import all_gather_no_grad, all_gather_with_grad
 from .correlation import mean_one_minus_rho, pearson_correlation
 from .relations import SEQUENCE_RELATIONS, mean_pool, pooled_relation, sequence_correlation, token_correlation
 
-__all__ = ["FCDTerms", "fcd_terms", "fcd_pair_terms", "fcd_loss", "token_loss", "sequence_loss"]
+__all__ = ["FCD_STACK_PAIRS", "FCDTerms", "fcd_terms", "fcd_pair_terms", "fcd_loss", "token_loss", "sequence_loss"]
+
+FCD_STACK_PAIRS = {"auto": None, "true": True, "false": False}  # --fcd_stack_pairs -> fcd_pair_terms(stack=...)
 
 
 class FCDTerms(NamedTuple):

@@ -16,8 +16,9 @@ with bf16 inputs it takes the KD softmax and the weight-gradient sum in bf16 (KD
 requires triton (about 1 GB installed).
 
 Precision: the head matmuls run in the inputs' dtype (as the model's own head would, e.g. bf16 with
-float32 accumulation inside the matmul); softmaxes, losses and the gradient sums over chunks run in
-float32 (float64 for float64 inputs). Heads that do more than ``h @ W.T + b`` (logit soft-capping,
+float32 accumulation inside the matmul), except the gradient matmuls of a float16 head, which run in
+float32 so that no gradient underflows before the loss scale multiplies it in backward; softmaxes, losses
+and the gradient sums over chunks run in float32 (float64 for float64 inputs). Heads that do more than ``h @ W.T + b`` (logit soft-capping,
 logit scaling) are not covered.
 """
 
@@ -129,7 +130,12 @@ def _chunk_loop(student: _Head, teacher: _Head | None, targets, keep, counts, we
     z_buf = buf()
     t_buf, p_buf = (buf(), buf()) if teacher is not None else (None, None)
     s_buf = buf() if teacher is not None and targets is not None else None
-    grad_h = torch.empty_like(student.hidden) if needs[0] else None  # (M, C_s)
+    # The gradient matmuls run in the head's dtype, but in float32 for a float16 head: its range ends at 6e-8, and
+    # the 1/count-scaled terms fall below it before backward multiplies in grad_output (DeepSpeed's fp16 loss
+    # scale), so loss scaling could not save them. bfloat16 has float32's range.
+    mm = acc if student.weight.dtype == torch.float16 else student.weight.dtype
+    w_mm = student.weight.to(mm) if needs[0] else None  # (V, C_s); a float32 copy for a float16 head only
+    grad_h = torch.empty(student.hidden.shape, dtype=mm, device=dev) if needs[0] else None  # (M, C_s)
     grad_w = torch.zeros(student.weight.shape, dtype=acc, device=dev) if needs[1] else None  # (V, C_s)
     grad_b = torch.zeros(vocab, dtype=acc, device=dev) if needs[2] else None
     ce_sum = kd_sum = torch.zeros((), dtype=acc, device=dev)
@@ -155,11 +161,11 @@ def _chunk_loop(student: _Head, teacher: _Head | None, targets, keep, counts, we
                 row_scale = None
         if not grad:
             continue
-        g_head = g.to(student.weight.dtype)  # (n, V) in the head's dtype for its matmuls
-        h = student.hidden[rows]  # (n, C_s)
-        scale = None if row_scale is None else row_scale[:, None].to(student.weight.dtype)  # (n, 1)
+        g_head = g.to(mm)  # (n, V) in the matmuls' dtype
+        h = student.hidden[rows].to(mm)  # (n, C_s)
+        scale = None if row_scale is None else row_scale[:, None].to(mm)  # (n, 1)
         if grad_h is not None:
-            gh = torch.mm(g_head, student.weight, out=grad_h[rows])  # (n, C_s), same dtype (_check_head)
+            gh = torch.mm(g_head, w_mm, out=grad_h[rows])  # (n, C_s)
             if scale is not None:
                 gh.mul_(scale)
         if grad_w is not None:

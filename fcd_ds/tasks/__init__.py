@@ -47,6 +47,13 @@ class Task(Protocol):
     vocab_head: bool  # whether the head projects onto the vocabulary (counted in FLOPs)
     fused_logit_loss: bool  # whether task loss and logit KD are next-token CE / KL on every position of a vocabulary head (fcd_ds.fused_head)
 
+    def check_teacher(self, teacher_config, teacher: str, distill_args) -> None:
+        """The task's rules for the teacher's head against the loss terms (e.g. a classifier teacher
+        fine-tuned on this label set). Raises :class:`~fcd_ds.errors.UsageError` naming the flag."""
+
+    def check_finetune(self, model: str) -> None:
+        """The task's rules for fine-tuning ``model`` alone (no teacher): raises :class:`~fcd_ds.errors.UsageError`."""
+
     def config_updates(self) -> dict:
         """Attributes set on the student's (and export's) config, e.g. ``num_labels``, ``id2label``."""
 
@@ -76,7 +83,9 @@ class Task(Protocol):
         one sample per real token for language models, per sequence for classifiers."""
 
     def eval_stats(self, outputs, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-batch 1-D tensors, concatenated over batches and ranks and passed to :meth:`metrics`."""
+        """Per-batch 1-D tensors, concatenated over batches and ranks and passed to :meth:`metrics`. A task
+        with ``fused_logit_loss`` also takes ``loss_sum=`` (the head's summed cross-entropy over its
+        ``eval_mask(batch)``, :func:`~fcd_ds.fused_head.fused_loss_sum`) in place of logits."""
 
     def metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out metrics from the concatenated :meth:`eval_stats`."""

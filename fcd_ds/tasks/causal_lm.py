@@ -38,6 +38,12 @@ class CausalLMTask:
         self.corpus, self.pad_id, self.max_seq_length = corpus, pad_id, max_seq_length
         self.per_document_attention = per_document_attention
 
+    def check_teacher(self, teacher_config, teacher: str, distill_args) -> None:
+        """Any causal LM teacher with the student's tokenizer serves (checked by the plan)."""
+
+    def check_finetune(self, model: str) -> None:
+        """Every causal LM has its task loss: nothing to refuse."""
+
     def config_updates(self) -> dict:
         return {}
 
@@ -96,10 +102,17 @@ class CausalLMTask:
     def distill_logits(self, outputs, batch: dict):
         return outputs.logits, self.kd_mask(batch)  # (B, N, V), (B, N)
 
-    def eval_stats(self, outputs, batch: dict) -> dict:
-        mask = self.ce_mask(batch) * batch["example_mask"][:, None]  # (B, N): padding rows count nothing
-        loss_sum = causal_lm_loss(outputs.logits, batch["input_ids"], mask, reduction="sum").double()
-        return {"loss_sum": loss_sum.reshape(1), "targets": mask[:, 1:].sum().double().reshape(1)}
+    def eval_mask(self, batch: dict) -> torch.Tensor:
+        """(B, N): the held-out targets counted: :meth:`ce_mask` of the real rows (``example_mask``)."""
+        return self.ce_mask(batch) * batch["example_mask"][:, None]  # (B, N): padding rows count nothing
+
+    def eval_stats(self, outputs, batch: dict, loss_sum: torch.Tensor | None = None) -> dict:
+        """``loss_sum`` and ``targets`` of the batch; ``loss_sum`` (0-dim) given when the head already summed
+        the cross-entropy over :meth:`eval_mask` (:func:`~fcd_ds.fused_head.fused_loss_sum`: no logits)."""
+        mask = self.eval_mask(batch)
+        if loss_sum is None:
+            loss_sum = causal_lm_loss(outputs.logits, batch["input_ids"], mask, reduction="sum")
+        return {"loss_sum": loss_sum.double().reshape(1), "targets": mask[:, 1:].sum().double().reshape(1)}
 
     def metrics(self, stats: dict) -> dict:
         loss = (stats["loss_sum"].sum() / stats["targets"].sum()).item()

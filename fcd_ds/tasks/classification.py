@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ..errors import UsageError
 from ..losses import logit_kd_loss
-from ..task_metrics import GLUE_TASK_KEYS, compute_metrics, metric_names
+from .glue_metrics import GLUE_TASK_KEYS, compute_metrics, metric_names
 
 __all__ = ["LabelSpec", "read_label_spec", "load_raw", "SequenceClassificationTask"]
 
@@ -154,6 +154,34 @@ class SequenceClassificationTask:
         self.labels = labels
         self.args = data_args
         self.metric_names = metric_names(data_args.task_name, labels.is_regression, labels.num_labels)
+
+    def check_teacher(self, teacher_config, teacher: str, distill_args) -> None:
+        """The teacher must be fine-tuned for sequence classification on this label set (same count, same
+        names unless generic ``LABEL_i``); DIST needs class distributions, which a regression head lacks.
+
+        Raises:
+            UsageError: naming ``--teacher`` (or ``--dist_weight``) and the fix.
+        """
+        archs = getattr(teacher_config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise UsageError(
+                f"--teacher: {teacher} is not fine-tuned for sequence classification (architectures {archs}); "
+                "fine-tune it on the task first with launchers/finetune_teacher.py"
+            )
+        if teacher_config.num_labels != self.labels.num_labels:
+            raise UsageError(
+                f"--teacher: its head has {teacher_config.num_labels} labels, the data {self.labels.num_labels} "
+                f"({', '.join(self.labels.names) or 'regression'}); use a teacher fine-tuned on this task"
+            )
+        names = [teacher_config.id2label[i] for i in range(teacher_config.num_labels)]
+        generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+        if not self.labels.is_regression and not generic and tuple(names) != self.labels.names:
+            raise UsageError(f"--teacher: its labels {names} differ from the data's {list(self.labels.names)}; fix --label_column or the teacher")
+        if self.labels.is_regression and distill_args.dist_weight:
+            raise UsageError("--dist_weight: DIST relates class distributions and a regression head has none; drop dist from --loss (use kd: MSE on predictions)")
+
+    def check_finetune(self, model: str) -> None:
+        """The classification head is built for the data's labels: nothing to refuse."""
 
     def config_updates(self) -> dict:
         if self.labels.is_regression:

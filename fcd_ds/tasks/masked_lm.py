@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
 from ..data import pad_rows
+from ..errors import UsageError
 from ..losses import logit_kd_loss, masked_lm_loss
 
 __all__ = ["MaskedLMTask", "has_mlm_head", "EVAL_MASK_SEED"]
@@ -51,6 +52,26 @@ class MaskedLMTask:
         if mlm:
             self._train_masking = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
             self._eval_masking = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=EVAL_MASK_SEED)
+
+    def check_teacher(self, teacher_config, teacher: str, distill_args) -> None:
+        """A teacher without an MLM head trains the student by feature-level terms alone: no logit term
+        (kd, dist), and at least one of fcd, hidden_mse, minilm.
+
+        Raises:
+            UsageError: naming the loss flag and the fix.
+        """
+        if self.mlm:
+            return
+        for term in ("kd", "dist"):
+            if distill_args.weights[term]:
+                raise UsageError(f"--{term}_weight: the teacher {teacher} has no MLM head to distil logits from; drop {term} from --loss")
+        if not any(distill_args.weights[t] for t in ("fcd", "hidden_mse", "minilm")):
+            raise UsageError(f"--loss: the teacher {teacher} has no MLM head, so only fcd, hidden_mse or minilm can train; add one")
+
+    def check_finetune(self, model: str) -> None:
+        """Fine-tuning (no teacher) needs the task loss, so an MLM head. Raises :class:`UsageError`."""
+        if not self.mlm:
+            raise UsageError(f"--model_name_or_path: {model} has no MLM head, so --task masked_lm has no loss to fine-tune on")
 
     def config_updates(self) -> dict:
         return {}

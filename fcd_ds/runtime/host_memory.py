@@ -24,7 +24,7 @@ import ctypes.util
 import os
 import platform
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["HOST_MEMORY_REUSE", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "allocator_in_environment", "check_host_memory_reuse", "glibc",
            "resolve_host_memory_reuse", "reuse_freed_host_memory", "apply_host_memory_reuse"]

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import START_FLAGS  # flags that may differ between attempts of one run (a recipe and the same flags typed out are one run)
-from .errors import UsageError
-from .output_dir import foreign_entries, has_run, lock_holder, run_entries, write_atomic
-from .safe_load import install_safe_checkpoint_engine, safe_torch_load
+from ..config import START_FLAGS  # flags that may differ between attempts of one run (a recipe and the same flags typed out are one run)
+from ..errors import UsageError
+from ..output_dir import foreign_entries, has_run, lock_holder, run_entries, write_atomic
+from ..safe_load import install_safe_checkpoint_engine, safe_torch_load
 
 __all__ = [
     "check_output_dir",
@@ -280,14 +280,15 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optio
     return {k: client_state[k] for k in keys if k in client_state}
 
 
+TRACKING_FLAGS = ("report_to",)  # where the metrics go, not what the run computes: may change on resume
 
 
 def comparable_run_config(run_config: dict) -> dict:
     """The part of a ``run_config.json`` that defines the run (launcher, task, model, data, distill and
-    train arguments, without the start flags ``--resume``, ``--auto_resume``, ``--overwrite_output_dir``),
-    as JSON values (tuples become lists)."""
+    train arguments, without the start flags ``--resume``, ``--auto_resume``, ``--overwrite_output_dir``
+    and the tracking flag ``--report_to``), as JSON values (tuples become lists)."""
     keep = {k: run_config.get(k) for k in ("launcher", "task", "model", "data", "distill", "train")}
-    keep["train"] = {k: v for k, v in (keep["train"] or {}).items() if k not in START_FLAGS}
+    keep["train"] = {k: v for k, v in (keep["train"] or {}).items() if k not in START_FLAGS and k not in TRACKING_FLAGS}
     return json.loads(json.dumps(keep))
 
 
@@ -346,7 +347,7 @@ def export_student(engine, tokenizer, dest: str | Path, model_card: str | None =
     import deepspeed
     import torch.distributed as dist
 
-    from .projections import export_state_dict
+    from ..projections import export_state_dict
 
     module = engine.module
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]

@@ -14,27 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import UsageError
+from ..data.glue import GLUE_TASK_KEYS, GLUE_VALIDATION_SPLIT
+from ..errors import UsageError
 
-__all__ = ["GLUE_TASK_KEYS", "GLUE_VALIDATION_SPLIT", "METRIC_NAMES", "compute_metrics", "metric_names"]
-
-# task name -> (text column, pair column or None), as run_glue.py's ``task_to_keys``.
-GLUE_TASK_KEYS: dict[str, tuple[str, str | None]] = {
-    "cola": ("sentence", None),
-    "mnli": ("premise", "hypothesis"),
-    "mrpc": ("sentence1", "sentence2"),
-    "qnli": ("question", "sentence"),
-    "qqp": ("question1", "question2"),
-    "rte": ("sentence1", "sentence2"),
-    "sst2": ("sentence", None),
-    "stsb": ("sentence1", "sentence2"),
-    "wnli": ("sentence1", "sentence2"),
-}
-
-# task name -> the split of the GLUE dataset that run_glue.py evaluates on (MNLI: the matched genres).
-GLUE_VALIDATION_SPLIT: dict[str, str] = {
-    task: "validation_matched" if task == "mnli" else "validation" for task in GLUE_TASK_KEYS
-}
+__all__ = ["GLUE_TASK_KEYS", "GLUE_VALIDATION_SPLIT", "METRIC_NAMES", "compute_metrics", "metric_names"]  # the GLUE facts re-exported from fcd_ds.data.glue
 
 METRIC_NAMES = ("accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr")
 
