@@ -88,7 +88,7 @@ def main() -> None:
             raise SystemExit(f"the evaluation process failed: {codes}")
         r = json.loads(result.read_text())
     b, n = r["batch_shape"]
-    lines = [f"\n### Held-out evaluation inside the head (issue 20), {time.strftime('%Y-%m-%d')}\n",
+    lines = [f"\n## Held-out evaluation inside the head (issue 20), {time.strftime('%Y-%m-%d')}\n",
              f"Command: `{command_line('eval_memory.py')}`; {platform.processor() or platform.machine()}, one rank; the default distill_gpt run's "
              f"held-out set: {r['batches']} batches of {b} x {n} tokens, vocabulary {r['vocab']}. Peak: the highest net bytes "
              "allocated during the evaluation (torch profiler) and VmHWM minus the RSS before it.\n",

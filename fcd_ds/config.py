@@ -328,6 +328,7 @@ class TrainArguments:
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (default: the JSON's, or a tenth of max_steps)."})
     per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Micro-batch per rank (default: the JSON's number, else 8 for distill_gpt; 16 for the encoder launchers)."})
     gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "Micro-batches per optimizer step (default: the JSON's, or 1)."})
+    train_batch_size: int | None = field(default=None, metadata={"help": "Global batch in sequences, micro-batch x accumulation x ranks (DeepSpeed's train_batch_size): the accumulation is derived from it for the ranks the run has, so a job requeued onto fewer nodes (or moved to more GPUs) keeps its global batch and resumes; not with --gradient_accumulation_steps."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Eval micro-batch per rank."})
     seed: int = field(default=42, metadata={"help": "Seed of init, data order and dropout."})
     logging_steps: int = field(default=1, metadata={"help": "Log to TensorBoard every N steps."})
@@ -347,7 +348,7 @@ class TrainArguments:
 
     def __post_init__(self):
         _finite(self)
-        for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "peak_tflops",
+        for name in ("max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "train_batch_size", "per_device_eval_batch_size", "logging_steps", "peak_tflops",
                      "dataloader_prefetch_factor", "ddp_timeout"):
             _positive(name, getattr(self, name))
         if self.warmup_steps is not None and self.warmup_steps < 1:
@@ -359,6 +360,9 @@ class TrainArguments:
         if self.dataloader_prefetch_factor is not None and not self.dataloader_num_workers:
             raise UsageError("--dataloader_prefetch_factor: needs --dataloader_num_workers > 0 (torch's rule); add workers or drop it")
         check_host_memory_reuse(self.host_memory_reuse)
+        if self.train_batch_size is not None and self.gradient_accumulation_steps is not None:
+            raise UsageError("--train_batch_size and --gradient_accumulation_steps both set the accumulation; pass one "
+                             "(--train_batch_size keeps the global batch when the number of ranks changes)")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 both set the precision; pass one (--bf16 where the GPU has it)")
         self.report_to = _report_to(self.report_to)

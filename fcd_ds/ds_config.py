@@ -52,13 +52,17 @@ def _fill(section: dict, key: str, value, override: bool) -> None:
         section[key] = value
 
 
-def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH) -> dict:
+def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH, world_size: int = 1) -> dict:
     """Copy of ``cfg`` with CLI overrides applied and 'auto' values filled.
 
     Args:
         cfg: the JSON as loaded. args: a :class:`~fcd_ds.config.TrainArguments`.
         micro_batch: the launcher's micro-batch for an 'auto' ``train_micro_batch_size_per_gpu`` when
             ``--per_device_train_batch_size`` is not given (a number in the JSON is kept).
+
+        world_size: the data-parallel ranks, from which a global batch (``--train_batch_size``, or a number
+            in the JSON's ``train_batch_size`` with the accumulation 'auto' or absent) derives the accumulation,
+            as DeepSpeed derives it.
 
     Returns:
         A new dict; ``train_batch_size`` is dropped when 'auto' (DeepSpeed derives it from micro-batch x
@@ -85,6 +89,16 @@ def resolve_ds_config(cfg: dict, args, micro_batch: int = DEFAULT_MICRO_BATCH) -
     _fill(out, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size, True)
     _fill(out, "train_micro_batch_size_per_gpu", micro_batch, False)
     _fill(out, "gradient_accumulation_steps", args.gradient_accumulation_steps, True)
+    global_batch = getattr(args, "train_batch_size", None)
+    flag = "--train_batch_size"
+    if global_batch is None and isinstance(out.get("train_batch_size"), int) and out.get("gradient_accumulation_steps", "auto") == "auto":
+        global_batch, flag = out["train_batch_size"], "--deepspeed_config: train_batch_size"
+    if global_batch is not None:
+        per_step = out["train_micro_batch_size_per_gpu"] * world_size  # sequences per micro-step over the ranks
+        if global_batch % per_step:
+            raise UsageError(f"{flag}: {global_batch} is not a multiple of micro-batch {out['train_micro_batch_size_per_gpu']} x {world_size} "
+                             f"ranks = {per_step}; pick a multiple, or another --per_device_train_batch_size")
+        out["gradient_accumulation_steps"], out["train_batch_size"] = global_batch // per_step, global_batch
     _fill(out, "gradient_accumulation_steps", 1, False)
     if out.get("train_batch_size") == "auto":
         del out["train_batch_size"]

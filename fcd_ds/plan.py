@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from .runtime.checkpoint import auto_resume_action, check_checkpoint_files, check_output_dir, check_resume_layout, read_trainer_state
 from .data import TextCorpus
 from .runtime.distributed import world_size
-from .ds_config import load_ds_config, resolve_ds_config, validate_ds_config
+from .ds_config import load_ds_config, resolve_ds_config, validate_ds_config, zero_stage
 from .errors import UsageError
 from .layer_map import LayerPair, parse_layer_map
 from .models import (check_attn_implementation, check_same_tokenizer, check_weight_files, kept_teacher_blocks, load_config, load_tokenizer,
@@ -40,17 +40,22 @@ class RunPlan:
     data_args: object
     distill_args: object
     train_args: object
+    resume_universal: bool = False  # --resume on another number of ranks with ZeRO: load the universal form
 
     def layout(self, world_size: int) -> dict:
         """What a checkpoint's data position and LR schedule count in (micro-batch, world size, sequence
-        length, seed, steps, accumulation, the resolved scheduler); a resume must match it."""
+        length, seed, steps, accumulation, the resolved scheduler, and the global batch
+        ``train_batch_size``); a resume must match it, but for the split of the global batch
+        (:func:`~fcd_ds.runtime.checkpoint.check_resume_layout`)."""
         t, ds = self.train_args, self.ds_config
         schedule = dict(ds.get("scheduler") or {})
         if "params" in schedule:  # total_num_steps is --max_steps, compared on its own
             schedule["params"] = {k: v for k, v in schedule["params"].items() if k != "total_num_steps"}
+        accumulation = ds.get("gradient_accumulation_steps", 1)
         return {"micro_batch_size": ds["train_micro_batch_size_per_gpu"], "world_size": world_size,
                 "max_seq_length": self.data_args.max_seq_length, "seed": t.seed, "max_steps": t.max_steps,
-                "gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1), "lr_schedule": schedule or None}
+                "gradient_accumulation_steps": accumulation, "lr_schedule": schedule or None,
+                "train_batch_size": ds["train_micro_batch_size_per_gpu"] * accumulation * world_size}
 
     def run_config(self, world_size: int | None = None) -> dict:
         """What ``run_config.json`` records: the launcher, the task, the four argument groups as
@@ -138,7 +143,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         UsageError: the first problem found.
     """
     launcher.fill(model_args, data_args)
-    ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args, launcher.micro_batch)
+    ds_config = resolve_ds_config(load_ds_config(train_args.deepspeed_config), train_args, launcher.micro_batch, world_size())
     from deepspeed.accelerator import get_accelerator
 
     validate_ds_config(ds_config, train_args.deepspeed_config, world_size(), get_accelerator().device_name(), fp16_flag=train_args.fp16)
@@ -219,6 +224,16 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         train_args.resume = action == "resume"
         train_args.overwrite_output_dir = action == "restart"
     if train_args.resume:  # before any process starts: a checkpoint of another layout is refused here
-        check_resume_layout(read_trainer_state(train_args.output_dir)["data_layout"], plan.layout(world_size()))
+        saved = read_trainer_state(train_args.output_dir)["data_layout"]
+        if check_resume_layout(saved, plan.layout(world_size())):
+            if data_args.streaming:
+                raise UsageError(f"--resume: a streamed corpus is read in per-rank shards, and the checkpoint was written by {saved['world_size']} "
+                                 f"ranks, now {world_size()}; resume streaming on {saved['world_size']} ranks, or prepare the corpus "
+                                 "(--dataset_prepared_path) to resume on another number")
+            # ZeRO partitions the optimizer (and at stage 3 the parameters) over the ranks: re-partitioned from
+            # DeepSpeed's universal form; without ZeRO the states are whole and load as they are.
+            plan.resume_universal = zero_stage(ds_config) > 0 and saved["world_size"] != world_size()
+            if plan.resume_universal:
+                ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         check_checkpoint_files(train_args.output_dir)
     return plan

@@ -15,13 +15,14 @@ fcd_ds's own RNG states are saved as tensors, strings and numbers only (:func:`r
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["deepspeed_checkpoint_types", "safe_torch_load", "SafeCheckpointEngine", "install_safe_checkpoint_engine"]
+__all__ = ["deepspeed_checkpoint_types", "safe_torch_load", "SafeCheckpointEngine", "install_safe_checkpoint_engine", "forced_safe_loads"]
 
 
 def deepspeed_checkpoint_types() -> list:
@@ -32,6 +33,8 @@ def deepspeed_checkpoint_types() -> list:
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
+
+_TORCH_LOAD = torch.load  # the real one, also while forced_safe_loads() has replaced torch.load
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|(?:was not an allowed global|global) ([\w.]+)")
 
@@ -45,7 +48,7 @@ def safe_torch_load(path: str | Path, map_location=None):
     """
     try:
         with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
     except torch.serialization.pickle.UnpicklingError as exc:
         found = _GLOBAL.search(str(exc))
         what = next((g for g in found.groups() if g), "an object") if found else "an object"
@@ -71,3 +74,21 @@ def install_safe_checkpoint_engine(engine) -> None:
     """Make ``engine.load_checkpoint`` read model, optimizer and scheduler states through :class:`SafeCheckpointEngine`."""
     if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
         engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+
+
+@contextmanager
+def forced_safe_loads():
+    """While active, every ``torch.load`` in this process (and in processes it forks) is :func:`safe_torch_load`,
+    whatever ``weights_only`` its caller passes: for DeepSpeed code that loads checkpoint files with
+    ``weights_only=False`` outside its checkpoint engine (``deepspeed.checkpoint.ds_to_universal``, the
+    universal checkpoint loader). Not thread-safe: it replaces ``torch.load`` itself for the duration."""
+    original = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        return safe_torch_load(f, map_location=map_location)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

@@ -41,7 +41,18 @@ from .layer_map import layer_map_to_str
 from .model_card import model_card
 from .output_dir import check_free_space, claim, clear_run_files, OutputLock, run_entries
 from .plan import student_num_params
-from .runtime.checkpoint import check_output_dir, check_resume_layout, export_student, latest_tag, load_checkpoint, load_rank_state, save_checkpoint
+from .runtime.checkpoint import (
+    check_output_dir,
+    check_resume_layout,
+    convert_to_universal,
+    export_student,
+    latest_tag,
+    load_checkpoint,
+    load_rank_state,
+    read_trainer_state,
+    reshard_position,
+    save_checkpoint,
+)
 from .runtime.distributed import all_reduce_host, is_main_process, main_process_first, release_deepspeed_shm_buffer
 from .runtime.host_memory import apply_host_memory_reuse
 from .runtime.metrics import measure_matmul_tflops, MetricLogger, transformer_flops_per_token
@@ -52,7 +63,6 @@ __all__ = ["TrainState", "Job", "NonFiniteLoss", "OutputWriteError", "STOPS", "s
 
 class NonFiniteLoss(Exception):
     """A training loss term was NaN or Inf on some rank at ``step``; ``latest`` names the last good checkpoint."""
-
     def __init__(self, step: int, terms: list[str], latest: str | None):
         kept = f"the last good checkpoint {latest} is kept as latest" if latest else "no checkpoint was saved before it"
         super().__init__(f"step {step}: non-finite training loss in {', '.join(terms)}; stopped without saving ({kept}); "
@@ -115,7 +125,6 @@ class TrainState:
 @dataclass
 class Job:
     """A running job: the plan, the distributed engines, the data streams and the state."""
-
     plan: object
     rank: int
     world: int
@@ -140,14 +149,12 @@ def _let_rank0_report() -> None:
     """On ranks other than 0, wait :data:`REPORT_GRACE_S` before a failing exit: DeepSpeed's launcher
     terminates every rank as soon as one exits non-zero (deepspeed/launcher/launch.py), which could kill
     rank 0 before it printed the one-line reason."""
-
     if not is_main_process():
         time.sleep(REPORT_GRACE_S)
 
 
 def _report_usage(exc: UsageError) -> int:
     """Print ``error: <message>`` (rank 0 only); the exit status 2, as argparse."""
-
     if is_main_process():
         print(f"error: {exc}", file=sys.stderr, flush=True)
     return 2
@@ -178,7 +185,6 @@ def setup(plan) -> Job:
             with :func:`finish`.
         Preempted: a stop signal arrived during the start-up or the initial evaluation (nothing saved).
     """
-
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -204,7 +210,8 @@ def setup(plan) -> Job:
     eval_set = eval_batches(valid_set, t.per_device_eval_batch_size, rank, world, d.max_eval_samples,
                             collate=partial(task.collate, train=False))
     micro_batches = make_micro_batches(train_set, micro_bs, rank, world, t.seed, partial(task.collate, train=True),
-                                       t.dataloader_num_workers, t.dataloader_prefetch_factor)
+                                       t.dataloader_num_workers, t.dataloader_prefetch_factor,
+                                       accumulation=plan.ds_config.get("gradient_accumulation_steps", 1))
     if rank == 0:
         blocks = f"{len(train_set):,} train blocks" if hasattr(train_set, "__len__") else "train blocks streamed"
         print(f"[fcd_ds] data ready in {time.perf_counter() - data_start:.2f} s: {blocks}, {len(eval_set)} held-out batches per rank", flush=True)
@@ -224,10 +231,26 @@ def setup(plan) -> Job:
     if t.resume:
         if latest_tag(out) is None:  # seen by rank 0 at planning time, gone since, or not on this node
             raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'} on rank {rank}; drop --resume to start a new run")
-        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__), optional=("train_loss_tokens",))
+        reshard = check_resume_layout(read_trainer_state(out)["data_layout"], layout)  # planned already; the files may have changed
+        if plan.resume_universal:  # another number of ranks: the ZeRO states re-partitioned from the universal form
+            if rank == 0:
+                print(f"[fcd_ds] converting checkpoint {latest_tag(out)} to a universal checkpoint for {world} ranks ...", flush=True)
+                convert_to_universal(out, latest_tag(out))
+            dist.barrier()
+        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__), optional=("train_loss_tokens",),
+                                universal=plan.resume_universal)
         state = TrainState(**saved)
-        check_resume_layout(state.data_layout, layout)
-        micro_batches.load_state_dict(load_rank_state(out, rank) or {"position": state.data_position})
+        if reshard:  # the same global samples, counted in this layout's micro-batches
+            position = reshard_position(state.data_layout, layout, state.data_position)
+            if rank == 0:
+                was = state.data_layout
+                print(f"[fcd_ds] resuming step {state.step} of a run on {was['world_size']} ranks (micro-batch {was['micro_batch_size']}, "
+                      f"accumulation {was.get('gradient_accumulation_steps', 1)}) on {world} ranks (micro-batch {layout['micro_batch_size']}, "
+                      f"accumulation {layout['gradient_accumulation_steps']}): global batch {layout['train_batch_size']} kept", flush=True)
+            state.data_layout, state.data_position = layout, position
+            micro_batches.position = position
+        else:
+            micro_batches.load_state_dict(load_rank_state(out, rank) or {"position": state.data_position})
     else:
         state = TrainState(data_layout=layout)
         if t.eval_on_start:
@@ -279,7 +302,6 @@ def _lock_output_dir(plan) -> None:
         UsageError: another run holds the folder, it cannot be written, it changed since planning, or its
             file system lacks the room (:func:`~fcd_ds.output_dir.check_free_space`).
     """
-
     global _LOCK
     t = plan.train_args
     message = [None]
@@ -307,7 +329,6 @@ def _measure_compute(ds_config: dict) -> tuple[int, float]:
     """This rank's torch thread count and its dense matmul rate (TFLOP/s) in the run's dtype, measured
     by every rank at the same moment (so on a shared CPU each rank gets its share of the cores, as during
     training). The rank-0 mean is what achieved FLOP/s is divided by. Collective."""
-
     dtype = model_dtype(ds_config)  # bf16, fp16 or float32, as the models train
     dist.barrier()
     mine = torch.tensor([measure_matmul_tflops(n=2048 if dtype == torch.float32 else 4096, repeats=5, dtype=dtype)],
@@ -318,7 +339,6 @@ def _measure_compute(ds_config: dict) -> tuple[int, float]:
 
 def _summed_over_ranks(*values: float) -> list[float]:
     """Sum of each value over the ranks (one small all-reduce; the values themselves without a process group)."""
-
     return all_reduce_host(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
@@ -347,7 +367,6 @@ def train(job: Job) -> None:
         Preempted: a stop signal on some rank; a checkpoint of the last finished step was saved first.
         NonFiniteLoss: a loss term was NaN or Inf on some rank; nothing saved (``latest`` is the last good one).
     """
-
     from deepspeed.accelerator import get_accelerator
 
     t, state, student, logger = job.plan.train_args, job.state, job.distiller.student, job.logger
@@ -361,7 +380,11 @@ def train(job: Job) -> None:
             state.step += 1
             loss_terms = sorted(k for k in m if k.startswith("loss/"))
             signum, bad = job.stop.agree([not math.isfinite(m[k]) for k in loss_terms])
-            tokens, loss_tokens = _summed_over_ranks(m.pop("tokens"), m.pop("loss_tokens"))  # padding differs between ranks
+            # One all-reduce: tokens summed (padding differs between ranks), every loss term averaged over the
+            # ranks: the step's loss is that of the global batch, whatever its split over ranks and micro-batches.
+            terms = [k for k in m if not k.startswith("time/") and k not in ("tokens", "loss_tokens")]
+            tokens, loss_tokens, *sums = _summed_over_ranks(m.pop("tokens"), m.pop("loss_tokens"), *(m[k] for k in terms))
+            m.update({k: v / job.world for k, v in zip(terms, sums)})
             state.train_seconds += seconds
             state.train_tokens += tokens
             state.train_loss_tokens += loss_tokens
@@ -419,7 +442,6 @@ def evaluate(job: Job) -> dict:
 def _peak_memory_per_rank() -> dict:
     """Every rank's peak resident host memory (``ru_maxrss``, GiB) and, on GPUs, peak allocated device
     memory (``max_memory_allocated``, GiB). Collective."""
-
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -441,7 +463,6 @@ def save(job: Job, metrics: dict) -> dict:
         Preempted: a stop signal on some rank before the export began (the final checkpoint is saved;
             a resumed run evaluates and exports again).
     """
-
     plan, state = job.plan, job.state
     student = job.distiller.student
     seq = plan.data_args.max_seq_length
@@ -486,7 +507,6 @@ def finish(code: int = 0, exc: Exception | None = None) -> int:
     the job), :data:`~fcd_ds.runtime.preemption.INTERRUPT_EXIT_CODE` (130) for one by SIGINT,
     :data:`~fcd_ds.runtime.preemption.NONFINITE_EXIT_CODE` (3) for :class:`NonFiniteLoss`, 1 for
     :class:`OutputWriteError` (printed by every rank that met it)."""
-
     if isinstance(exc, UsageError):
         code = _report_usage(exc)
         if _LOCK is not None and not _WROTE:

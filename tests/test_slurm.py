@@ -1,7 +1,8 @@
 """launchers/slurm/distill.sbatch against a real two-node SLURM cluster on this machine (tests/slurm_cluster.py:
 Debian's slurmctld + 2 slurmd + munge, installed with apt-get when missing; skipped only where they cannot
 be installed). A tiny 2-rank distillation (one rank per node) runs to COMPLETED; the same run requeued
-mid-training resumes from its checkpoint and gives the uninterrupted run's losses; with a stand-in
+mid-training resumes from its checkpoint and gives the uninterrupted run's losses, also when requeued
+onto one node (the global batch kept through --train_batch_size, the ZeRO-3 states re-partitioned); with a stand-in
 launcher, ranks signalled before the time limit make the template requeue the job itself, and a plain
 scancel stays a cancel; the dry run prints the 2 nodes x 8 GPUs command; outside SLURM the template says
 so in one line."""
@@ -142,6 +143,54 @@ def test_requeued_job_resumes_and_matches_the_uninterrupted_run(cluster, job_a, 
     m_b = json.loads((out / "metrics.json").read_text())
     assert m_b["steps"] == STEPS and m_b["world_size"] == 2
     assert m_b["student_eval_loss"] == pytest.approx(m_a["student_eval_loss"], abs=1e-6)
+
+
+def test_job_requeued_onto_fewer_nodes_resumes_with_the_same_global_batch(cluster, shared, tiny_models, corpus):
+    """Submitted with --nodes=1-2 and --train_batch_size: the first attempt runs on 2 nodes (accumulation 1),
+    is requeued while a node is drained, and the second attempt runs on 1 node (accumulation 2): its ZeRO-3
+    checkpoint is converted once to a universal checkpoint (the original kept), the same global samples
+    are read, and every step logs the uninterrupted 2-node run's losses. CE + KD: FCD's sequence relation
+    spans one micro-step's samples over the ranks, which a split into more micro-batches changes (README)."""
+    reference, out, log = shared / "fewer_reference", shared / "fewer", shared / "fewer.log"
+    extra = ["--loss", "ce+kd", "--train_batch_size", 8]  # micro-batch 4 x 2 ranks x accumulation 1
+    ref = submit(cluster, shared / "fewer_reference.log", [*run_args(tiny_models, corpus, reference, shared / "zero3_tiny.json"), *extra])
+    assert cluster.wait(ref, timeout=900).get("JobState") == "COMPLETED", (shared / "fewer_reference.log").read_text()[-4000:]
+    args = [*run_args(tiny_models, corpus, out, shared / "zero3_tiny.json"), *extra]
+    jobid = cluster.sbatch(["--nodes=1-2", "-o", log, "-D", REPO, "--time", 30, TEMPLATE, "launchers/distill_gpt.py", *args],
+                           env={"PYTHON": sys.executable})
+    deadline = time.monotonic() + 600
+    try:
+        while steps_logged(out) < SAVE_STEPS + 2:  # past the first checkpoint
+            assert cluster.in_queue(jobid), log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no training steps logged"
+            time.sleep(0.2)
+        assert cluster.job(jobid)["NumNodes"] == "2"
+        cluster.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=fcd_ds test: fewer nodes"])
+        cluster.run(["scontrol", "requeue", jobid])
+        while (state := cluster.job(jobid).get("JobState")) != "PENDING":
+            assert state in ("RUNNING", "COMPLETING", "REQUEUED"), state
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        cluster.run(["scontrol", "update", f"jobid={jobid}", "StartTime=now"])
+        info = cluster.wait(jobid, timeout=900)
+    finally:
+        cluster.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+    text = log.read_text()
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, text[-4000:])
+    first, second = text.split(f"fcd_ds: job {jobid} attempt 2")
+    assert "2 node(s) x 1 rank(s)" in first and "1 node(s) x 1 rank(s) on n1" in second
+    assert "converting checkpoint global_step" in second and "global batch 8 kept" in second
+    assert "on 2 ranks (micro-batch 4, accumulation 1) on 1 ranks (micro-batch 4, accumulation 2)" in second
+    names = {p.name for p in (out / "checkpoints").iterdir() if p.is_dir()}
+    converted = [n for n in names if n.endswith("_universal")]
+    assert len(converted) == 1 and converted[0].removesuffix("_universal") in names  # the original is kept beside it
+    rows, expected = read_train_log(out), {r["step"]: r for r in read_train_log(reference)}
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        for key in ("train/loss/total", "train/loss/ce", "train/loss/kd", "train/lr"):
+            assert row[key] == pytest.approx(expected[row["step"]][key], rel=1e-5, abs=1e-6), (row["step"], key)
+    m_a, m_b = (json.loads((o / "metrics.json").read_text()) for o in (reference, out))
+    assert m_b["world_size"] == 1 and m_b["student_eval_loss"] == pytest.approx(m_a["student_eval_loss"], rel=1e-5)
 
 
 FAKE_LAUNCHER = """\

@@ -2,7 +2,10 @@
 
 Order: ``torch.utils.data.DistributedSampler``'s (seeded by ``seed + epoch``, ``drop_last=True``), so
 ranks see disjoint blocks; computed as a tensor per epoch, so memory stays at 8 bytes per block
-whatever the corpus. ``position`` counts the micro-batches handed to the training loop; a stream built
+whatever the corpus. Optimizer step s reads blocks ``perm[s * G : (s + 1) * G]`` of the epoch's
+permutation, G = micro-batch x accumulation x ranks, split over ranks and micro-batches, and an epoch
+is ``len // G`` whole steps: the samples of every step are the same for every split of G, so a run
+resumed on another number of ranks (the same G) reads what the uninterrupted run would have. ``position`` counts the micro-batches handed to the training loop; a stream built
 with the same arguments and ``position`` continues exactly where the saved one stopped, however many
 batches the workers had prefetched (``--dataloader_num_workers``, ``--dataloader_prefetch_factor``).
 """
@@ -32,9 +35,9 @@ def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int) -> torch.T
 class _BatchIndices(Sampler):
     """Endless ``(position, [indices])`` of micro-batches from ``start`` on."""
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int):
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int, per_epoch: int):
         self.n, self.batch_size, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
-        self.per_epoch = (n // world) // batch_size
+        self.per_epoch = per_epoch
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         position = self.start
@@ -70,19 +73,21 @@ class MicroBatches:
             process's RNG: the tasks seed any randomness from the batch itself).
         position: micro-batches already handed out (resume).
         num_workers, prefetch_factor: DataLoader workers and the batches each keeps ready.
+        accumulation: micro-batches per optimizer step; an epoch is a whole number of steps of
+            ``batch_size x accumulation x world_size`` blocks.
 
     Raises:
-        UsageError: the micro-batch times the ranks is more than the blocks.
+        UsageError: the global batch (micro-batch x accumulation x ranks) is more than the blocks.
     """
 
     def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int, collate: Callable[[dict], dict],
-                 position: int = 0, num_workers: int = 0, prefetch_factor: int | None = None):
+                 position: int = 0, num_workers: int = 0, prefetch_factor: int | None = None, accumulation: int = 1):
         self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
         self.collate, self.num_workers, self.prefetch_factor = collate, num_workers, prefetch_factor
-        self.per_epoch = (len(dataset) // world_size) // batch_size
+        self.per_epoch = len(dataset) // (batch_size * accumulation * world_size) * accumulation  # micro-batches of whole steps
         if self.per_epoch == 0:
             raise UsageError(
-                f"--per_device_train_batch_size: {batch_size} x {world_size} ranks is more than the "
+                f"--per_device_train_batch_size: {batch_size} x accumulation {accumulation} x {world_size} ranks is more than the "
                 f"{len(dataset)} training blocks; use a smaller batch or more data"
             )
         self._position = position
@@ -103,7 +108,7 @@ class MicroBatches:
 
     def __next__(self) -> dict:
         if self._iter is None:
-            sampler = _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed, self._position)
+            sampler = _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed, self._position, self.per_epoch)
             kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
             # A generator of its own: the iterator's base seed would otherwise be drawn from torch's global RNG,
             # shifting the dropout masks of every later step (and a resumed run's differently from an uninterrupted one).
@@ -156,11 +161,12 @@ def eval_batches(
 
 
 def make_micro_batches(train, batch_size: int, rank: int, world_size: int, seed: int, collate: Callable[[dict], dict],
-                       num_workers: int = 0, prefetch_factor: int | None = None):
+                       num_workers: int = 0, prefetch_factor: int | None = None, accumulation: int = 1):
     """:class:`MicroBatches` over a map-style dataset, or a
     :class:`~fcd_ds.data.streaming.StreamingMicroBatches` over a :class:`~fcd_ds.data.streaming.StreamEpochs`."""
     from .streaming import StreamEpochs, StreamingMicroBatches
 
     if isinstance(train, StreamEpochs):
         return StreamingMicroBatches(train, batch_size, collate, num_workers, prefetch_factor)
-    return MicroBatches(train, batch_size, rank, world_size, seed, collate, num_workers=num_workers, prefetch_factor=prefetch_factor)
+    return MicroBatches(train, batch_size, rank, world_size, seed, collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                        accumulation=accumulation)

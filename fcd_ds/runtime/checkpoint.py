@@ -21,7 +21,7 @@ import torch
 from ..config import START_FLAGS  # flags that may differ between attempts of one run (a recipe and the same flags typed out are one run)
 from ..errors import UsageError
 from ..output_dir import foreign_entries, has_run, lock_holder, run_entries, write_atomic
-from ..safe_load import install_safe_checkpoint_engine, safe_torch_load
+from ..safe_load import forced_safe_loads, install_safe_checkpoint_engine, safe_torch_load
 
 __all__ = [
     "check_output_dir",
@@ -33,6 +33,10 @@ __all__ = [
     "load_rank_state",
     "export_student",
     "check_resume_layout",
+    "RESHARDABLE",
+    "reshard_position",
+    "universal_tag",
+    "convert_to_universal",
     "comparable_run_config",
     "read_trainer_state",
     "auto_resume_action",
@@ -133,22 +137,95 @@ def check_checkpoint_files(output_dir: str | Path) -> None:
             raise UsageError(f"--resume: {path} is damaged or truncated ({exc}); {instead}, or start a new run") from None
 
 
-def check_resume_layout(saved: dict, now: dict) -> None:
-    """A checkpoint's data position counts micro-batches of one layout (micro-batch size, world size,
-    sequence length, seed), its LR schedule was built for ``max_steps`` and the scheduler settings, and a
-    ZeRO checkpoint is partitioned over its world size; resuming under other values would replay or skip
-    data, silently change the schedule, or fail inside DeepSpeed.
+RESHARDABLE = ("micro_batch_size", "world_size", "gradient_accumulation_steps")
+"""Layout values a resume may change while the global batch (their product) stays: the run re-splits each
+step's samples over other ranks and micro-batches (ZeRO states through a universal checkpoint)."""
+
+
+def _global_batch(layout: dict) -> int:
+    return layout["micro_batch_size"] * layout.get("gradient_accumulation_steps", 1) * layout["world_size"]
+
+
+def check_resume_layout(saved: dict, now: dict) -> bool:
+    """Whether a resume under the layout ``now`` must re-split the checkpoint of layout ``saved``.
+
+    A checkpoint's data position counts global samples of one order (sequence length, seed), its LR
+    schedule was built for ``max_steps`` and the scheduler settings: those must match, and so must the
+    global batch (micro-batch x accumulation x ranks), which the loss and the schedule are defined by. The
+    ranks, micro-batch and accumulation may change within that global batch (:data:`RESHARDABLE`).
+
+    Returns:
+        True when a value of :data:`RESHARDABLE` changed (the caller re-partitions: :func:`reshard_position`,
+        :func:`convert_to_universal`), False when the layout is the same.
 
     Raises:
-        UsageError: any value of ``now`` differs from ``saved``.
+        UsageError: another value changed, or the global batch did (names both, and the flag that keeps it).
     """
-    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    fixed = [k for k in now if k not in RESHARDABLE and k != "train_batch_size"]
+    changed = {k: (saved.get(k), now[k]) for k in fixed if saved.get(k) != now[k]}
     if changed:
         why = " (the LR schedule decays over the saved --max_steps: train longer in a new run)" if {"max_steps", "lr_schedule"} & set(changed) else ""
         raise UsageError(
             f"--resume: the checkpoint was written with {changed} (saved, now){why}; resume with the same values, "
             "or start a new run in another --output_dir"
         )
+    if all(saved.get(k, 1 if k == "gradient_accumulation_steps" else None) == now[k] for k in RESHARDABLE):
+        return False
+    old, new = _global_batch(saved), _global_batch(now)
+    if old != new:
+        describe = (lambda d: f"micro-batch {d['micro_batch_size']} x accumulation {d.get('gradient_accumulation_steps', 1)} x {d['world_size']} ranks")
+        raise UsageError(f"--resume: the checkpoint's global batch is {old} sequences ({describe(saved)}), now {new} ({describe(now)}); "
+                         f"keep it: pass --train_batch_size {old} (the accumulation follows the ranks), or start a new run")
+    return True
+
+
+def reshard_position(saved: dict, now: dict, position: int) -> int:
+    """This rank's data position (micro-batches) under layout ``now`` for a checkpoint at ``position`` under
+    ``saved``: the same global samples read (position x micro-batch x ranks), counted in the new micro-batches.
+
+    Raises:
+        UsageError: the samples read do not fill whole micro-batches of the new layout.
+    """
+    samples = position * saved["micro_batch_size"] * saved["world_size"]
+    per_micro_step = now["micro_batch_size"] * now["world_size"]
+    if samples % per_micro_step:
+        raise UsageError(f"--resume: the checkpoint read {samples} samples, not a whole number of micro-steps of {per_micro_step} "
+                         "(micro-batch x ranks) now; resume with a micro-batch that divides it")
+    return samples // per_micro_step
+
+
+def universal_tag(tag: str) -> str:
+    """The folder name of ``tag``'s universal (world-size-free) form beside it: ``global_step{N}_universal``."""
+    return f"{tag}_universal"
+
+
+def convert_to_universal(output_dir: str | Path, tag: str) -> Path:
+    """Convert checkpoint ``tag`` into DeepSpeed's Universal Checkpoint format beside it (kept: the
+    original is untouched), once: ``deepspeed.checkpoint.ds_to_universal`` (ZeRO-1/2 and ZeRO-3 optimizer
+    states gathered per parameter, loadable on any number of ranks with ``"checkpoint": {"load_universal":
+    true}``). Every file it reads is loaded with ``weights_only=True`` (:func:`~fcd_ds.safe_load.forced_safe_loads`:
+    DeepSpeed's converter asks for ``weights_only=False``). Run on one process (rank 0); written as
+    ``<name>.tmp`` and renamed, so a conversion killed half-way is redone.
+
+    Returns:
+        The universal folder ``checkpoints/global_step{N}_universal``.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ckpt = Path(output_dir) / "checkpoints"
+    final = ckpt / universal_tag(tag)
+    if final.is_dir():
+        return final
+    tmp = ckpt / f"{universal_tag(tag)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)  # fcd_ds's client state has no Megatron info
+    with forced_safe_loads():
+        ds_to_universal.main(args)
+    tmp.rename(final)
+    return final
 
 
 def _rng_state() -> dict:
@@ -239,6 +316,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
             for old in checkpoint_steps(output_dir)[:-save_total_limit]:
                 if old != step:
                     shutil.rmtree(ckpt / f"global_step{old}")
+                    shutil.rmtree(ckpt / universal_tag(f"global_step{old}"), ignore_errors=True)  # its converted form, if any
     dist.barrier()
 
 
@@ -249,13 +327,18 @@ def load_rank_state(output_dir: str | Path, rank: int) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if tag is not None and path.is_file() else None
 
 
-def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optional: tuple[str, ...] = (), *,
+                    universal: bool = False) -> dict:
     """Load the latest checkpoint into ``engine`` (module, optimizer, scheduler) and restore this rank's
     RNG states. Collective.
 
     Args:
         keys: the ``client_state`` keys to return (DeepSpeed adds its own metadata keys beside them).
         optional: those of ``keys`` that an older checkpoint may lack (left out of the result then).
+        universal: read model and optimizer from the latest checkpoint's universal form
+            (:func:`convert_to_universal`; the engine built with ``"checkpoint": {"load_universal": true}``),
+            as a run on another number of ranks must; the RNG state of this rank is the saved rank's of
+            the same number when there is one (a rank the saved run did not have keeps its seeded state).
 
     Returns:
         The saved ``client_state`` restricted to ``keys``.
@@ -268,7 +351,8 @@ def load_checkpoint(engine, output_dir: str | Path, keys: tuple[str, ...], optio
     ckpt = Path(output_dir) / "checkpoints"
     tag = latest_tag(output_dir)
     install_safe_checkpoint_engine(engine)  # DeepSpeed's own loads with weights_only=True too
-    path, client_state = engine.load_checkpoint(str(ckpt), tag=tag)
+    with forced_safe_loads():  # the universal loader calls torch.load(weights_only=False) itself
+        path, client_state = engine.load_checkpoint(str(ckpt), tag=universal_tag(tag) if universal else tag)
     if path is None:
         raise RuntimeError(f"no DeepSpeed checkpoint could be loaded from {ckpt}")
     rng = ckpt / tag / f"rng_state_rank{dist.get_rank()}.pt"
