@@ -133,7 +133,7 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "The --dataset_name configuration (default: --task_name for GLUE)."})
     train_split: str = field(default="train", metadata={"help": "Split of --dataset_name (or of a DatasetDict folder) to train on."})
     validation_split: str = field(default="validation", metadata={"help": "Held-out split of --dataset_name or a DatasetDict folder (absent: held out from train); GLUE's mnli defaults to validation_matched."})
-    max_seq_length: int = field(default=128, metadata={"help": "Tokens per sequence (<= the models' positions): text tasks' block length; classification pads and truncates to it."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per sequence (<= the models' positions): text tasks' block length; classification truncates to it (and pads to it with --pad_to_max_length)."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out blocks or rows used for the metrics (0 = all)."})
     text_column: str | None = field(default=None, metadata={"help": "Column of the text (classification: of the first sentence). Default: 'text', else the only string column; text tasks read a 'messages' or 'prompt'/'completion' column instead when there is one."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Classification: column of the second sentence of a pair (e.g. 'hypothesis')."})
@@ -149,6 +149,7 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenise raw data (datasets' map num_proc; run_clm's name). Default (or 1): the training process itself, whose fast tokenizer uses every core; N > 1: N worker processes of one thread each."})
     preprocess_on_each_node: bool = field(default=True, metadata={"help": "Raw data is tokenised by local rank 0 of every node (its own datasets cache); false: by global rank 0 alone, for a datasets cache (HF_DATASETS_CACHE) on a file system all nodes share."})
     streaming: bool = field(default=False, metadata={"help": "Text tasks: read the training files lazily (datasets IterableDataset: .txt, .jsonl, .csv, .parquet), tokenise and pack on the fly, each rank its own share; for corpora larger than memory. Needs held-out data."})
+    pad_to_max_length: bool = field(default=False, metadata={"help": "Classification: pad every batch to max_seq_length (run_glue.py's flag); default: to the longest real sequence of the global batch, all ranks agreeing on that length (same values, less padding work)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "masked_lm with an MLM head: fraction of tokens masked (BERT: 0.15)."})
 
     def __post_init__(self):

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from .runtime.distributed import all_reduce_host
+from .data import pad_batch_to
 from .fused_head import fused_head_problem, fused_loss_sum
 from .layer_map import LayerPair
 from .losses import causal_lm_loss
 from .objective import DistillObjective, TeacherView
+from .runtime.distributed import all_reduce_host
 
 __all__ = ["DistillEngine", "TeacherView", "causal_lm_loss"]
 
@@ -58,7 +59,15 @@ class DistillEngine:
         self.student_logits = self.objective.student_logits  # whether the student's head output feeds a loss (FLOP count)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.student.device) for k, v in batch.items()}
+        """The batch on the student's device; a variable-length task's batch padded to the longest N of any
+        rank when FCD's global-batch sequence relation is on (it all-gathers (B, N, C) features). Collective then."""
+        batch = {k: v.to(self.student.device) for k, v in batch.items()}
+        a = self.args
+        if getattr(self.task, "variable_length", False) and a.uses_fcd and a.fcd_global_batch and a.fcd_beta and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            n = all_reduce_host(torch.tensor([batch["input_ids"].shape[1]]), op=dist.ReduceOp.MAX)
+            batch = pad_batch_to(batch, int(n.item()), getattr(self.task, "pad_id", 0))
+        return batch
 
     @property
     def needs_teacher(self) -> bool:

@@ -174,7 +174,8 @@ def _ds_json(tmp_path, **extra) -> Path:
     ({"zero_optimization__overlap_com": True}, "DeepSpeed refuses {path}: 1 validation error for DeepSpeedZeroConfig; overlap_com; Extra inputs are not permitted"),
     ({"zero_optimisation": {"stage": 2}}, "{path} has top-level key(s) ['zero_optimisation'] that DeepSpeed does not read"),
     ({"fp16": {"enabled": True}}, "fp16 is enabled in {path}, and the CPU accelerator trains in fp32 or bf16 only"),
-    ({"train_batch_size": 64}, "train_batch_size 64 in {path} is not micro-batch 4 x gradient accumulation 1 x 1 rank(s) = 4"),
+    # a numeric accumulation beside it (with the accumulation 'auto', train_batch_size derives it, as DeepSpeed does)
+    ({"train_batch_size": 64, "gradient_accumulation_steps": 1}, "train_batch_size 64 in {path} is not micro-batch 4 x gradient accumulation 1 x 1 rank(s) = 4"),
 ])
 def test_a_deepspeed_json_deepspeed_would_refuse_is_refused_at_plan_time(extra, message, base_args, capsys, tmp_path):
     path = _ds_json(tmp_path, **extra)

@@ -121,17 +121,18 @@ def test_resume_from_a_mid_run_checkpoint_continues_identically(gpt2_zero3_run, 
     m_res = json.loads((resumed / "metrics.json").read_text())
     assert m_res["student_eval_loss"] == pytest.approx(m_orig["student_eval_loss"], abs=1e-6)
     assert m_res["student_eval_loss_initial"] == m_orig["student_eval_loss_initial"]
-    # another micro-batch size would replay other data, another --max_steps would stretch the LR schedule,
-    # another world size cannot load a ZeRO-3 partition: each refused before any work, nothing written
+    # another global batch (a smaller micro-batch, or fewer ranks with the same accumulation) would change the
+    # loss and replay other data, another --max_steps would stretch the LR schedule: each refused before any
+    # work, nothing written (another split of the same global batch resumes: tests/test_reshard.py)
     before = snapshot(resumed)
-    cases = [(["--per_device_train_batch_size", 2], 2, "{'micro_batch_size': (4, 2)}"),
-             (["--max_steps", 6], 2, "{'max_steps': (4, 6)} (saved, now) (the LR schedule decays over the saved --max_steps"),
-             ([], 1, "{'world_size': (2, 1)}")]
+    cases = [(["--per_device_train_batch_size", 2], 2, "the checkpoint's global batch is 8 sequences (micro-batch 4 x accumulation 1 x 2 ranks), now 4"),
+             (["--max_steps", 6], 2, "the checkpoint was written with {'max_steps': (4, 6)} (saved, now) (the LR schedule decays over the saved --max_steps"),
+             ([], 1, "the checkpoint's global batch is 8 sequences (micro-batch 4 x accumulation 1 x 2 ranks), now 4 (micro-batch 4 x accumulation 1 x 1 ranks); keep it: pass --train_batch_size 8")]
     for extra, ranks, message in cases:
         result = run_launcher([*gpt2_args(tiny_models, corpus, resumed, ds_config), "--resume", *extra], ranks=ranks)
         assert result.returncode == 2, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(f"error: --resume: the checkpoint was written with {message}"), \
+        assert len(errors) == 1 and errors[0].startswith(f"error: --resume: {message}"), \
             (errors, result.stdout[-2000:], result.stderr[-3000:])
         assert "Traceback" not in result.stderr
         assert snapshot(resumed) == before

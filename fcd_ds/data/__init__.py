@@ -9,7 +9,7 @@
 * :mod:`~fcd_ds.data.loader`: rank-sharded, resumable micro-batches with DataLoader workers.
 """
 
-from .blocks import pad_rows, position_ids_from_starts, special_token_frame
+from .blocks import pad_batch_to, pad_rows, position_ids_from_starts, special_token_frame
 from .corpus import TextCorpus
 from .documents import DocumentSpec, document_markers
 from .loader import MicroBatches, eval_batches, make_micro_batches
@@ -27,6 +27,7 @@ __all__ = [
     "eval_batches",
     "load_split",
     "make_micro_batches",
+    "pad_batch_to",
     "pad_rows",
     "position_ids_from_starts",
     "resolve_source",

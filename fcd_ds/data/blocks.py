@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-__all__ = ["PACK_GROUP", "special_token_frame", "pack_table", "truncate_table", "pad_rows", "position_ids_from_starts"]
+__all__ = ["PACK_GROUP", "special_token_frame", "pack_table", "truncate_table", "pad_rows", "pad_batch_to", "position_ids_from_starts", "PAD_VALUES"]
 
 PACK_GROUP = 1000  # documents concatenated per packing group (run_clm's map batch size)
 
@@ -108,6 +108,22 @@ def pad_rows(sequences: list, length: int, pad_id: int) -> tuple[torch.Tensor, t
         ids[i, : len(seq)] = seq
         mask[i, : len(seq)] = 1
     return ids, mask
+
+
+PAD_VALUES = {"labels": -100}  # what pads each (B, N) key beyond the tokens: "not a target" for token labels, 0 for masks
+
+
+def pad_batch_to(batch: dict, length: int, pad_id: int) -> dict:
+    """Right-pad every (B, N) tensor of a batch to (B, length): ``input_ids`` with ``pad_id``, token ``labels``
+    with -100, masks, token types and position ids with 0; other tensors (``labels`` (B,), ``example_mask``)
+    as they are. A batch already ``length`` wide comes back unchanged. Padding is masked in every loss and
+    in attention, so the values stay (the global-batch FCD relation needs one N on every rank)."""
+    n = batch["input_ids"].shape[1]
+    if length <= n:
+        return batch
+    values = {"input_ids": pad_id, **PAD_VALUES}
+    return {k: torch.nn.functional.pad(v, (0, length - n), value=values.get(k, 0)) if v.dim() == 2 and v.shape[1] == n else v
+            for k, v in batch.items()}  # (B, N) -> (B, length)
 
 
 def position_ids_from_starts(starts: list, length: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from ..config import DistillArguments
+from ..data import pad_batch_to
 from ..runtime.distributed import release_deepspeed_shm_buffer
 from ..ds_config import teacher_ds_config
 from ..layer_map import parse_layer_map
@@ -87,15 +88,6 @@ def hf_batch(inputs: dict) -> dict:
         if not bool(keep[batch["attention_mask"].bool()].all()):
             batch["loss_mask"] = keep.to(ids.dtype)
     return batch
-
-
-def _pad_to(batch: dict, length: int, pad_id: int) -> dict:
-    """Pad every (B, N) tensor of ``batch`` on the right to (B, length): ids with ``pad_id``, masks with 0."""
-    extra = length - batch["input_ids"].shape[1]
-    if extra <= 0:
-        return batch
-    fill = {"input_ids": pad_id, "position_ids": 0}
-    return {k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0)) for k, v in batch.items()}  # (B, N) -> (B, length)
 
 
 def prepare_teacher(teacher: torch.nn.Module, trainer: Trainer):
@@ -199,7 +191,7 @@ class FCDTrainer(Trainer):
             return batch
         n = torch.tensor([batch["input_ids"].shape[1]], device=batch["input_ids"].device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        return _pad_to(batch, int(n.item()), self.pad_id)
+        return pad_batch_to(batch, int(n.item()), self.pad_id)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         """The distillation loss of one micro-batch (a per-micro-batch mean: ``loss_is_scaled_for_ga`` is

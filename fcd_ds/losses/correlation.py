@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.distributed import all_gather_with_grad
+from ..runtime.distributed import all_reduce_with_grad
 
 __all__ = ["pearson_correlation", "mean_one_minus_rho"]
 
@@ -65,9 +65,9 @@ def mean_one_minus_rho(rho: torch.Tensor, counts: torch.Tensor, *, global_batch:
     Args:
         rho: (*G, R) correlations; leading dimensions G (e.g. stacked layer pairs) are kept.
         counts: (R,) or (*G, R) bool, true where the row has enough valid entries to count.
-        global_batch: average over the rows of every data-parallel rank (each rank's two sums gathered
-            with a differentiable all_gather and added, so that DeepSpeed's gradient averaging yields the
-            global-batch gradient).
+        global_batch: average over the rows of every data-parallel rank (each rank's two sums added by
+            a differentiable all_reduce, so that DeepSpeed's gradient averaging yields the global-batch
+            gradient).
 
     Returns:
         float32 (*G,) (a scalar for 1-D ``rho``) in [0, 2].
@@ -75,5 +75,5 @@ def mean_one_minus_rho(rho: torch.Tensor, counts: torch.Tensor, *, global_batch:
     w = counts.float().expand_as(rho)  # (*G, R)
     sums = torch.stack([(w * (1.0 - rho)).sum(-1), w.sum(-1)], -1)  # (*G, 2): sum of 1 - rho, rows counted
     if global_batch:
-        sums = all_gather_with_grad(sums[None]).sum(0)  # (world, *G, 2) -> (*G, 2)
+        sums = all_reduce_with_grad(sums)  # (*G, 2) summed over ranks
     return sums[..., 0] / sums[..., 1].clamp(min=1.0)

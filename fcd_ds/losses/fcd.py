@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..runtime.distributed import all_gather_no_grad, all_gather_with_grad
+from ..runtime.distributed import all_gather_no_grad, all_gather_with_grad, global_sample_gram, world_size
 from .correlation import mean_one_minus_rho, pearson_correlation
-from .relations import SEQUENCE_RELATIONS, mean_pool, pooled_relation, sequence_correlation, token_correlation
+from .relations import NORM_EPS, SEQUENCE_RELATIONS, mean_pool, pooled_relation, sequence_correlation, token_correlation
 
 __all__ = ["FCD_STACK_PAIRS", "FCDTerms", "fcd_terms", "fcd_pair_terms", "fcd_loss", "token_loss", "sequence_loss"]
 
@@ -36,6 +36,30 @@ def _gather_samples(x: torch.Tensor, dim: int, grad: bool) -> torch.Tensor:
     (*G, B, ...) -> (*G, world * B, ...): the leading group dimensions are moved behind B for the gather."""
     gather = all_gather_with_grad if grad else all_gather_no_grad
     return gather(x.movedim(dim, 0)).movedim(0, dim)  # (B, *G, ...) -> (world * B, *G, ...) -> back
+
+
+def _gram_sequence_correlation(g_s: torch.Tensor, g_t: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
+    """:func:`~fcd_ds.losses.relations.sequence_correlation` from per-position Gram matrices instead of features.
+
+    g_s, g_t: float32 (*G, N, B, B) (``global_sample_gram``); mask (B, N). The cosines are the Gram entries
+    over the clamped norms (the square roots of its diagonal, clamped at 1e-6 as ``normalize_tokens``), the
+    row means summed in float64 without autograd, the moments over the valid entries (d != b, both tokens
+    real): the same formulas, so the same values to float rounding. Memory O(N * B^2) per model, all at once.
+    Returns ``(rho (*G, B), counts (B,) bool)``."""
+    m = mask.bool().t()  # (N, B)
+    not_self = ~torch.eye(m.shape[1], dtype=torch.bool, device=m.device)
+    valid = m[:, :, None] & m[:, None, :] & not_self  # (N, B, B)
+    count = valid.double().sum((0, 2))  # (B,)
+    xs = []
+    for g in (g_s, g_t):
+        inv = torch.diagonal(g, dim1=-2, dim2=-1).clamp(min=NORM_EPS**2).rsqrt()  # (*G, N, B): 1 / max(norm, 1e-6), finite gradient at 0
+        rel = g * inv[..., :, None] * inv[..., None, :]  # (*G, N, B, B): cos(h[b, n], h[d, n])
+        with torch.no_grad():
+            mu = ((rel.double() * valid).sum((-3, -1)) / count.clamp(min=1.0)).float()  # (*G, B)
+        xs.append((rel - mu[..., None, :, None]) * valid)
+    xs, xt = xs
+    cov, var_s, var_t = (xs * xt).sum((-3, -1)), (xs * xs).sum((-3, -1)), (xt * xt).sum((-3, -1))  # (*G, B)
+    return cov / (var_s.clamp(min=1e-30).sqrt() * var_t.clamp(min=1e-30).sqrt() + eps), count >= 2
 
 
 def token_loss(
@@ -80,10 +104,13 @@ def sequence_loss(
         kind: ``"position"`` or ``"pooled"`` (see :func:`sequence_relation`).
         chunk_size: ``position`` only: positions of the (B, N, B) relation computed at once (see
             :func:`sequence_correlation`); ``None`` computes all positions at once.
-        global_batch: all-gather features and masks over the default process group first, so every
-            rank computes the loss of the global batch (same value as one process holding the whole
-            batch); the student's gradient flows back to the rank that owns each sample. B and N must
-            match across ranks.
+        global_batch: relate the samples of every rank over the default process group, so every rank
+            computes the loss of the global batch (same value as one process holding the whole batch);
+            the student's gradient flows back to the rank that owns each sample. B and N must match
+            across ranks. ``position``: the features are not all-gathered: :func:`global_sample_gram`
+            moves each rank's features once (all_to_all) and all-reduces per-position Gram matrices, a
+            (world * B)^2 * N float32 tensor per model held at once (``chunk_size`` does not apply);
+            ``pooled``: the (B, C) pooled vectors are all-gathered.
 
     Returns:
         float32 (*G,) (a scalar for 3-D inputs) in [0, 2]; 0 with zero gradient for a batch of 1 or rows
@@ -101,8 +128,13 @@ def sequence_loss(
         return mean_one_minus_rho(rho, valid.sum(-1) >= 2)
     if kind != "position":
         raise ValueError(f"sequence_loss: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")
-    if global_batch:
-        h_s, h_t, mask = _gather_samples(h_s, -3, True), _gather_samples(h_t, -3, False), all_gather_no_grad(mask)
+    if global_batch and world_size() > 1:  # (world * B)^2 * N Gram entries per model instead of (world * B) * N * C features
+        mask = all_gather_no_grad(mask.to(torch.uint8))  # (world * B, N)
+        g_s = global_sample_gram(h_s)  # (*G, N, world * B, world * B)
+        with torch.no_grad():
+            g_t = global_sample_gram(h_t)
+        rho, counts = _gram_sequence_correlation(g_s, g_t, mask)  # (*G, world * B), (world * B,)
+        return mean_one_minus_rho(rho, counts)
     rho, counts = sequence_correlation(h_s, h_t, mask, chunk_size=chunk_size)  # (*G, B), (B,)
     return mean_one_minus_rho(rho, counts)
 
@@ -163,8 +195,9 @@ def fcd_loss(
         attention_mask: (B, N), 1 for real tokens, 0 for padding; padded features never matter.
         alpha: weight of the token-level term. beta: weight of the sequence-level term.
         sequence_relation: ``"position"`` (default) or ``"pooled"``.
-        global_batch: make the loss that of the global batch: the sequence term all-gathers features
-            over data-parallel ranks, the token term averages over every rank's sequences.
+        global_batch: make the loss that of the global batch: the sequence term relates the samples of
+            every data-parallel rank (see :func:`sequence_loss`), the token term averages over every
+            rank's sequences.
         chunk_size: rows of the token relation, and positions of the ``position`` sequence relation, per
             block (memory bound for long sequences: O(B * chunk_size * N) and O(chunk_size * B^2));
             ``None``: one block each.

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["rank", "world_size", "local_rank", "is_main_process", "main_process_first", "all_reduce_host", "all_gather_with_grad", "all_gather_no_grad",
-           "release_deepspeed_shm_buffer"]
+           "release_deepspeed_shm_buffer", "all_reduce_with_grad", "global_sample_gram"]
 
 
 def rank() -> int:
@@ -134,3 +134,85 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return _AllGatherGrad.apply(x)
+
+
+class _SamplesToChannels(torch.autograd.Function):
+    """all_to_all from sample-sharded to channel-sharded: (B, ..., C) -> (world * B, ..., C / world) (C a
+    multiple of world). Backward: the inverse all_to_all, so each rank's samples get their gradient back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        w = dist.get_world_size()
+        ctx.shape = x.shape
+        parts = x.reshape(*x.shape[:-1], w, x.shape[-1] // w).movedim(-2, 0).contiguous()  # (world, B, ..., C / world)
+        out = torch.empty_like(parts)
+        dist.all_to_all_single(out, parts)  # row r: rank r's samples, this rank's channel slice
+        return out.flatten(0, 1)  # (world * B, ..., C / world)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = dist.get_world_size()
+        grad = grad.reshape(w, -1, *grad.shape[1:]).contiguous()  # (world, B, ..., C / world): row r goes back to rank r
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad)  # row r: this rank's samples, channel slice r
+        return out.movedim(0, -2).reshape(ctx.shape)
+
+
+class _SumOfIdenticalUses(torch.autograd.Function):
+    """all_reduce (sum) in forward; backward ``world * grad``, what all-reducing the gradient gives when every
+    rank evaluates the same function of the sum (the convention of :class:`_AllGatherGrad`), with no traffic."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous().clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * dist.get_world_size()
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all_reduce (sum) of ``x`` (any shape), returned as a new tensor; identity without a group.
+
+    Backward is ``world * grad`` with no collective: when every rank evaluates the same function of the sum,
+    all-reducing the gradient would give exactly that (the convention of :func:`all_gather_with_grad`, whose
+    world-times gradient DeepSpeed's averaging divides back). Collective; shapes must match across ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _SumOfIdenticalUses.apply(x)
+
+
+def global_sample_gram(x: torch.Tensor) -> torch.Tensor:
+    """Per-position Gram matrix of the global batch's features, without all-gathering the features.
+
+    (*G, B, N, C) on every rank -> float32 (*G, N, world * B, world * B) on every rank, with
+    ``gram[..., n, i, j] = <x_i[n], x_j[n]>`` over the samples of every rank in rank order (as
+    :func:`all_gather_no_grad` orders them), products in float32 whatever ``x``'s dtype. The features are
+    moved once by all_to_all in their own dtype, so that each rank holds every sample's slice of C / world
+    channels ((world - 1) / world of the local bytes sent, against world - 1 times for an all-gather);
+    each rank's partial Gram of its channel slice is then all-reduced in float32, its upper triangle only
+    (N * m (m + 1) / 2 values for m = world * B; the Gram is symmetric).
+    Differentiable: the gradient reaches each rank's own samples by the inverse all_to_all, scaled as
+    :func:`all_gather_with_grad`'s (world times the gradient of the one loss every rank computes, which
+    DeepSpeed's averaging divides back; the Gram's own backward needs no collective). C is zero-padded to a
+    multiple of world (zeros add nothing to a product). Identity Gram of ``x`` without a process group.
+    Collective; shapes must match across ranks. gloo and NCCL (all_to_all_single, all_reduce).
+    """
+    h = x.movedim(-3, 0)  # (B, *G, N, C)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        w = dist.get_world_size()
+        if h.shape[-1] % w:
+            h = torch.nn.functional.pad(h, (0, w - h.shape[-1] % w))
+        h = _SamplesToChannels.apply(h)  # (world * B, *G, N, C / world)
+    h = h.float().movedim(0, -2)  # (*G, N, world * B, c)
+    gram = h @ h.transpose(-1, -2)  # (*G, N, world * B, world * B): this rank's channel slice
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return gram
+    m = gram.shape[-1]
+    upper = torch.triu_indices(m, m, device=gram.device)  # (2, T), T = m (m + 1) / 2
+    packed = all_reduce_with_grad(gram[..., upper[0], upper[1]])  # (*G, N, T): the symmetric sum's upper triangle, half the bytes
+    where = torch.zeros(m, m, dtype=torch.long, device=gram.device)
+    where[upper[0], upper[1]] = torch.arange(upper.shape[1], device=gram.device)
+    return packed[..., torch.maximum(where, where.t())]  # (*G, N, m, m), both triangles from the packed one

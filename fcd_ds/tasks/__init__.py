@@ -46,6 +46,8 @@ class Task(Protocol):
     metric_names: tuple[str, ...]  # held-out metrics, e.g. ("loss", "perplexity") or ("accuracy", "f1")
     vocab_head: bool  # whether the head projects onto the vocabulary (counted in FLOPs)
     fused_logit_loss: bool  # whether task loss and logit KD are next-token CE / KL on every position of a vocabulary head (fcd_ds.fused_head)
+    # Optional: ``variable_length`` (True: batches are padded to their longest row, so N differs between
+    # ranks and the engine pads to the longest of the global batch) and ``pad_id`` (what pads input_ids).
 
     def check_teacher(self, teacher_config, teacher: str, distill_args) -> None:
         """The task's rules for the teacher's head against the loss terms (e.g. a classifier teacher

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
+from ..data import pad_rows
 from ..errors import UsageError
 from ..losses import logit_kd_loss
 from .glue_metrics import GLUE_TASK_KEYS, compute_metrics, metric_names
@@ -153,6 +154,8 @@ class SequenceClassificationTask:
         self.raw = raw
         self.labels = labels
         self.args = data_args
+        self.pad_id = 0  # the tokenizer's, once load_datasets has run
+        self.variable_length = not data_args.pad_to_max_length  # batches padded to their longest row
         self.metric_names = metric_names(data_args.task_name, labels.is_regression, labels.num_labels)
 
     def check_teacher(self, teacher_config, teacher: str, distill_args) -> None:
@@ -197,8 +200,7 @@ class SequenceClassificationTask:
         feature = self.raw["train"].features[label]
 
         def encode(batch):
-            enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=data_args.max_seq_length,
-                            padding="max_length")
+            enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=data_args.max_seq_length)
             if self.labels.is_regression:
                 enc["labels"] = [float(v) for v in batch[label]]
             elif hasattr(feature, "names"):
@@ -211,11 +213,21 @@ class SequenceClassificationTask:
         for split in ("train", "validation"):
             ds = self.raw[split]
             ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {split}")
-            out.append(ds.with_format("torch"))
+            out.append(ds)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return tuple(out)
 
     def collate(self, rows, *, train: bool) -> dict:
-        return dict(rows)
+        """Rows of token lists -> ``input_ids``, ``attention_mask`` (and ``token_type_ids``) (B, N) padded to the
+        longest row (``--pad_to_max_length``: to ``max_seq_length``), ``labels`` (B,)."""
+        length = self.args.max_seq_length if self.args.pad_to_max_length else max(len(r) for r in rows["input_ids"])
+        ids, attention = pad_rows(rows["input_ids"], length, self.pad_id)  # (B, N), (B, N)
+        batch = {"input_ids": ids, "attention_mask": attention}
+        if "token_type_ids" in rows:
+            batch["token_type_ids"] = pad_rows(rows["token_type_ids"], length, 0)[0]  # (B, N)
+        dtype = torch.float32 if self.labels.is_regression else torch.long
+        batch["labels"] = torch.tensor(rows["labels"], dtype=dtype)  # (B,)
+        return batch
 
     def loss_tokens(self, batch: dict) -> int:
         """Sequences the task loss reads (one target each)."""
