@@ -91,7 +91,8 @@ class DistillEngine:
         Returns:
             Mean of every loss term over the micro-batches, plus seconds spent in ``time/teacher_forward``,
             ``time/student_forward_backward`` and ``time/optimizer_step`` (accelerator-synchronised),
-            ``tokens`` (this rank's real tokens in the step, from the attention masks) and ``loss_tokens``
+            ``tokens`` (this rank's real tokens in the step, from the attention masks), ``padded_tokens`` (B x N
+            of the micro-batches as run) and ``loss_tokens``
             (the targets the task loss read, :meth:`~fcd_ds.tasks.Task.loss_tokens`).
         """
         gas = self.student.gradient_accumulation_steps()
@@ -118,6 +119,7 @@ class DistillEngine:
             sums["time/student_forward_backward"] += t2 - t1
             sums["time/optimizer_step"] += t3 - t2
             sums["tokens"] += batch["attention_mask"].sum().item()
+            sums["padded_tokens"] += batch["input_ids"].numel()  # B x N as run: what the matmuls processed
             sums["loss_tokens"] += self.task.loss_tokens(batch)
         return dict(sums)
 

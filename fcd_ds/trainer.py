@@ -117,6 +117,7 @@ class TrainState:
     train_seconds: float = 0.0
     train_tokens: float = 0.0
     train_loss_tokens: float = 0.0  # targets the task loss read (assistant tokens with --assistant_only_loss)
+    train_padded_tokens: float = 0.0  # B x N of every micro-batch as run, all ranks (the FLOP count's tokens)
     data_layout: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     log_rows: int = 0  # train_log.jsonl rows written up to this state (rank 0): a resume drops later ones
@@ -237,7 +238,7 @@ def setup(plan) -> Job:
                 print(f"[fcd_ds] converting checkpoint {latest_tag(out)} to a universal checkpoint for {world} ranks ...", flush=True)
                 convert_to_universal(out, latest_tag(out))
             dist.barrier()
-        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__), optional=("train_loss_tokens",),
+        saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__), optional=("train_loss_tokens", "train_padded_tokens"),
                                 universal=plan.resume_universal)
         state = TrainState(**saved)
         if reshard:  # the same global samples, counted in this layout's micro-batches
@@ -370,7 +371,6 @@ def train(job: Job) -> None:
     from deepspeed.accelerator import get_accelerator
 
     t, state, student, logger = job.plan.train_args, job.state, job.distiller.student, job.logger
-    seq = job.plan.data_args.max_seq_length
     bar = tqdm(total=t.max_steps, initial=state.step, desc=job.plan.launcher.name, disable=job.rank != 0, dynamic_ncols=True)
     try:
         while state.step < t.max_steps:
@@ -382,12 +382,14 @@ def train(job: Job) -> None:
             signum, bad = job.stop.agree([not math.isfinite(m[k]) for k in loss_terms])
             # One all-reduce: tokens summed (padding differs between ranks), every loss term averaged over the
             # ranks: the step's loss is that of the global batch, whatever its split over ranks and micro-batches.
-            terms = [k for k in m if not k.startswith("time/") and k not in ("tokens", "loss_tokens")]
-            tokens, loss_tokens, *sums = _summed_over_ranks(m.pop("tokens"), m.pop("loss_tokens"), *(m[k] for k in terms))
+            terms = [k for k in m if not k.startswith("time/") and k not in ("tokens", "loss_tokens", "padded_tokens")]
+            tokens, loss_tokens, padded, *sums = _summed_over_ranks(m.pop("tokens"), m.pop("loss_tokens"), m.pop("padded_tokens"),
+                                                                    *(m[k] for k in terms))
             m.update({k: v / job.world for k, v in zip(terms, sums)})
             state.train_seconds += seconds
             state.train_tokens += tokens
             state.train_loss_tokens += loss_tokens
+            state.train_padded_tokens += padded
             payload = {k if k.startswith("time/") else f"train/{k}": v for k, v in m.items()}  # loss terms, per-pair terms
             samples = job.plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world
             payload.update({
@@ -398,7 +400,7 @@ def train(job: Job) -> None:
                 "perf/step_seconds": seconds,
                 "train_tokens": state.train_tokens,  # so far, every rank: tokens the models read
                 "train_loss_tokens": state.train_loss_tokens,  # so far: targets the task loss read
-                "perf/tflops_per_device": _tflops_per_device(job, samples * seq, seconds),
+                "perf/tflops_per_device": _tflops_per_device(job, padded, seconds),  # the tokens as run (variable-length batches)
                 "memory/max_allocated_gib": get_accelerator().max_memory_allocated() / 2**30,
             })
             payload["perf/matmul_peak_fraction"] = payload["perf/tflops_per_device"] / job.matmul_tflops
@@ -466,7 +468,8 @@ def save(job: Job, metrics: dict) -> dict:
     plan, state = job.plan, job.state
     student = job.distiller.student
     seq = plan.data_args.max_seq_length
-    padded_tokens = state.step * plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world * seq
+    # B x N as run (classification pads to the batch's longest row); a checkpoint from before the count: as if padded to seq
+    padded_tokens = state.train_padded_tokens or state.step * plan.ds_config["train_micro_batch_size_per_gpu"] * student.gradient_accumulation_steps() * job.world * seq
     tflops = _tflops_per_device(job, padded_tokens, state.train_seconds)
     metrics = {**metrics,
                "steps": state.step,
