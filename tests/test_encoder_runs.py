@@ -158,21 +158,29 @@ def test_bert_classification_zero2_exports_a_reloadable_student_with_label_names
 def test_batches_padded_to_their_longest_row_train_as_padded_to_max_seq_length(encoders, rt, tmp_path):
     """Classification pads each batch to its longest real row, and with FCD's global-batch sequence relation
     every rank pads to the longest of the global batch (the ranks' rows differ in length): the losses of
-    every step and the held-out metrics equal those of batches padded to --max_seq_length."""
-    runs = {}
+    every step and the held-out metrics equal those of batches padded to --max_seq_length. Dropout off:
+    its masks are drawn per (B, N) tensor, so another width draws other (equally random) masks."""
+    teacher = AutoModelForSequenceClassification.from_pretrained(encoders["bert_cls"], hidden_dropout_prob=0.0,
+                                                                 attention_probs_dropout_prob=0.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(encoders["bert_cls"]).save_pretrained(tmp_path / "teacher")
+    runs, widths = {}, set()
     for name, extra in (("longest", []), ("max_length", ["--pad_to_max_length"])):
         out = tmp_path / name
-        assert_ok(run_launcher(["--teacher", encoders["bert_cls"], "--student_num_layers", 2, "--kd_weight", 0.5,
-                                "--train_file", rt["single_train"], "--validation_file", rt["single_valid"], *common(out), *extra],
+        flags = [*common(out), "--max_seq_length", 64]  # longer than most snippets: the longest row is shorter
+        assert_ok(run_launcher(["--teacher", tmp_path / "teacher", "--student_num_layers", 2, "--kd_weight", 0.5,
+                                "--train_file", rt["single_train"], "--validation_file", rt["single_valid"], *flags, *extra],
                                launcher=BERT))
         runs[name] = (read_train_log(out), json.loads((out / "metrics.json").read_text()))
     (rows, metrics), (padded, padded_metrics) = runs["longest"], runs["max_length"]
     for a, b in zip(rows, padded, strict=True):
         for key in ("train/loss/total", "train/loss/ce", "train/loss/fcd", "train/loss/kd"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)  # float32 sums over other widths
     for key in ("teacher_eval_accuracy", "student_eval_accuracy", "student_eval_f1"):
         assert metrics[key] == padded_metrics[key], key
     assert metrics["train_tokens"] == padded_metrics["train_tokens"]  # the real tokens: padding is not counted
+    # the FLOP count follows the batches as run: fewer padded tokens than max_seq_length x the sequences
+    assert metrics["train_tflops_per_device"] < padded_metrics["train_tflops_per_device"] * metrics["train_seconds"] / padded_metrics["train_seconds"]
 
 
 def test_roberta_pairs_zero3_narrower_student_and_sharded_teacher(encoders, rt, tmp_path):
