@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from .data import pad_batch_to
 from .fused_head import fused_head_problem, fused_loss_sum
 from .layer_map import LayerPair
 from .losses import causal_lm_loss
@@ -60,13 +59,10 @@ class DistillEngine:
 
     def _to_device(self, batch: dict) -> dict:
         """The batch on the student's device; a variable-length task's batch padded to the longest N of any
-        rank when FCD's global-batch sequence relation is on (it all-gathers (B, N, C) features). Collective then."""
+        rank when FCD's global relation needs it (:meth:`~fcd_ds.objective.DistillObjective.equal_lengths`)."""
         batch = {k: v.to(self.student.device) for k, v in batch.items()}
-        a = self.args
-        if getattr(self.task, "variable_length", False) and a.uses_fcd and a.fcd_global_batch and a.fcd_beta and dist.is_initialized() \
-                and dist.get_world_size() > 1:
-            n = all_reduce_host(torch.tensor([batch["input_ids"].shape[1]]), op=dist.ReduceOp.MAX)
-            batch = pad_batch_to(batch, int(n.item()), getattr(self.task, "pad_id", 0))
+        if getattr(self.task, "variable_length", False):
+            batch = self.objective.equal_lengths(batch, getattr(self.task, "pad_id", 0))
         return batch
 
     @property

@@ -28,15 +28,18 @@ from contextlib import ExitStack, nullcontext
 from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
+from .data import pad_batch_to
 from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
 from .fused_head import FusedLogitHead
 from .layer_map import LayerPair
 from .losses import FCD_STACK_PAIRS, dist_loss, fcd_pair_terms, hidden_mse_loss, minilm_loss
 from .projections import hidden_projection
+from .runtime.distributed import all_reduce_host
 
 __all__ = ["DistillObjective", "TeacherView", "weighted_total", "FUSED_TERMS"]
 
@@ -130,6 +133,21 @@ class DistillObjective:
         fused = distill.fused_logit_loss and task.fused_logit_loss and not distill.dist_weight and (distill.ce_weight or distill.kd_weight)
         self.fused_head = (FusedLogitHead(student, teacher if distill.kd_weight else None, ce_weight=distill.ce_weight,
                                           kd_weight=distill.kd_weight, temperature=distill.kd_temperature) if fused else None)
+
+    def equal_lengths(self, batch: dict, pad_id: int) -> dict:
+        """``batch`` padded to the longest N of any rank when FCD's global-batch sequence relation is on over
+        several ranks (it relates the (B, N, C) features of every rank, so N must agree); else as it is.
+        Collective then (one all-reduce of N): call it on every rank for every batch.
+
+        Args:
+            batch: (B, N) tensors (``input_ids``, masks, ...). pad_id: what pads ``input_ids``
+                (:func:`~fcd_ds.data.pad_batch_to`).
+        """
+        a = self.args
+        if not (a.uses_fcd and a.fcd_global_batch and a.fcd_beta and dist.is_initialized() and dist.get_world_size() > 1):
+            return batch
+        n = all_reduce_host(torch.tensor([batch["input_ids"].shape[1]]), op=dist.ReduceOp.MAX)
+        return pad_batch_to(batch, int(n.item()), pad_id)
 
     @torch.no_grad()
     def teacher_forward(self, teacher: Callable, batch: dict) -> TeacherView:

@@ -49,7 +49,6 @@ from .runtime.checkpoint import (
     latest_tag,
     load_checkpoint,
     load_rank_state,
-    read_trainer_state,
     reshard_position,
     save_checkpoint,
 )
@@ -232,7 +231,6 @@ def setup(plan) -> Job:
     if t.resume:
         if latest_tag(out) is None:  # seen by rank 0 at planning time, gone since, or not on this node
             raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'} on rank {rank}; drop --resume to start a new run")
-        reshard = check_resume_layout(read_trainer_state(out)["data_layout"], layout)  # planned already; the files may have changed
         if plan.resume_universal:  # another number of ranks: the ZeRO states re-partitioned from the universal form
             if rank == 0:
                 print(f"[fcd_ds] converting checkpoint {latest_tag(out)} to a universal checkpoint for {world} ranks ...", flush=True)
@@ -241,7 +239,7 @@ def setup(plan) -> Job:
         saved = load_checkpoint(student, out, keys=tuple(TrainState.__dataclass_fields__), optional=("train_loss_tokens", "train_padded_tokens"),
                                 universal=plan.resume_universal)
         state = TrainState(**saved)
-        if reshard:  # the same global samples, counted in this layout's micro-batches
+        if check_resume_layout(state.data_layout, layout):  # the same global samples, counted in this layout's micro-batches
             position = reshard_position(state.data_layout, layout, state.data_position)
             if rank == 0:
                 was = state.data_layout

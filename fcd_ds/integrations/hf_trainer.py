@@ -25,7 +25,6 @@ import torch.distributed as dist
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from ..config import DistillArguments
-from ..data import pad_batch_to
 from ..runtime.distributed import release_deepspeed_shm_buffer
 from ..ds_config import teacher_ds_config
 from ..layer_map import parse_layer_map
@@ -183,16 +182,6 @@ class FCDTrainer(Trainer):
         self.pad_id = getattr(tok, "pad_token_id", None) or 0
         self._terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    def _global_length(self, batch: dict) -> dict:
-        """With FCD's global-batch sequence relation on several ranks, every rank's micro-batch padded to
-        the longest N of any rank (the relation all-gathers (B, N, C) features, so N must agree)."""
-        a = self.args
-        if not (a.uses_fcd and a.fcd_global_batch and a.fcd_beta and dist.is_initialized() and dist.get_world_size() > 1):
-            return batch
-        n = torch.tensor([batch["input_ids"].shape[1]], device=batch["input_ids"].device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        return pad_batch_to(batch, int(n.item()), self.pad_id)
-
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         """The distillation loss of one micro-batch (a per-micro-batch mean: ``loss_is_scaled_for_ga`` is
         False), from :meth:`DistillObjective.losses <fcd_ds.objective.DistillObjective.losses>`.
@@ -201,7 +190,7 @@ class FCDTrainer(Trainer):
             The 0-dim loss, or ``(loss, outputs)`` with ``return_outputs``; under the fused logit head
             the outputs carry no logits (``{"loss": loss}``).
         """
-        batch = self._global_length(hf_batch(inputs))
+        batch = self.objective.equal_lengths(hf_batch(inputs), self.pad_id)  # Trainer batches differ in N
         view = self.objective.teacher_forward(self.teacher, batch) if self.teacher is not None else None
         total, terms, outputs = self.objective.losses(model, batch, view)
         mode = "train" if model.training else "eval"
