@@ -8,8 +8,9 @@ Every rank builds the launcher's engines in-process (``plan_run`` + ``trainer.se
 flags, as step_cost.py): a random-init Llama teacher (8 blocks x 384, SmolLM2's tokenizer, saved once under
 /tmp by local rank 0) and a fresh student half as wide (4 x 192: the 4096 / 2048 ratio of the modelled
 pair), BBC News from ``python -m fcd_ds.assets``, 4 x 128 tokens per rank, ZeRO-2 unless flags say
-otherwise, CE + FCD over the ``uniform`` map. Two engines share the models: FCD's global batch on and off
-(``--fcd_global_batch``). After --warmup steps of each, --steps rounds of one step of each, interleaved.
+otherwise, CE + FCD over the ``uniform`` map. Three engines share the models: FCD's global batch on and off
+(``--fcd_global_batch``), and on with the sequence relation read at N / 16 positions (``--fcd_sequence_positions``,
+the fraction the 16-rank model's 128 of 2048 reads). After --warmup steps of each, --steps rounds of one step of each, interleaved.
 
 How collectives are measured: before DeepSpeed starts its communication backend (which keeps references to
 ``torch.distributed.all_gather_into_tensor`` and ``reduce_scatter_tensor``), every collective of
@@ -59,7 +60,7 @@ __all__ = ["LINKS", "SCALE", "fcd_model", "zero_model", "ring_bytes"]
 
 LINKS = {"NVLink (within a node)": 450e9, "network (between nodes)": 50e9}  # bytes/s per GPU and direction: H100 NVLink 4 (900 GB/s both ways), 400 Gb/s NIC per GPU
 SCALE = dict(world=16, ranks_per_node=8, micro_batch=4, seq=2048, c_s=2048, c_t=4096, feature_bytes=2, pairs=16,
-             student_params=1.236e9, teacher_params=8.03e9, param_bytes=2)  # the modelled cluster step
+             student_params=1.236e9, teacher_params=8.03e9, param_bytes=2, positions=128)  # the modelled cluster step
 OPS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
        "_reduce_scatter_base", "all_to_all", "all_to_all_single", "broadcast", "reduce")
 TEACHER = dict(num_hidden_layers=8, hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=6)
@@ -139,13 +140,17 @@ def install_counters() -> None:
 
 
 def fcd_model(scheme: str, world: int, micro_batch: int, seq: int, c_s: int, c_t: int, feature_bytes: int, pairs: int,
-              mask_bytes: int) -> dict[tuple[str, str], float]:
+              mask_bytes: int, positions: int = 0, groups: int | None = None) -> dict[tuple[str, str], float]:
     """Ring bytes one rank sends per step for FCD's global batch (position relation, both terms on), by
     (op, what). ``scheme``: ``"gather"`` (all_gather of features, the student's gradient all-reduced over the
     whole gathered tensor) or ``"gram"`` (all_to_all of features in their dtype, all-reduce of the float32
     per-position Gram's upper triangle, N m (m + 1) / 2 for m = world B; no backward collective but the inverse
-    all_to_all). ``world`` is the ranks the batch spans (8 for a node-local global batch)."""
+    all_to_all). ``world`` is the ranks the batch spans (8 for a node-local global batch). ``positions``: the
+    sequence relation read at that many of the ``seq`` positions (``--fcd_sequence_positions``; 0 = all), which
+    is what its collectives move. ``groups``: how many stacked groups the pairs form (``fcd_pair_terms``; default
+    ``pairs``, one per pair): the masks are gathered once per group, the rest scales with the pairs."""
     b, f = micro_batch, (world - 1) / world
+    seq = min(positions, seq) if positions else seq
     pad = lambda c: -(-c // world) * world  # noqa: E731 (channels zero-padded to a multiple of world)
     rows = {}
     if scheme == "gather":
@@ -161,8 +166,9 @@ def fcd_model(scheme: str, world: int, micro_batch: int, seq: int, c_s: int, c_t
         m = world * b
         rows[("all_reduce", "Gram matrices (upper triangles), student and teacher")] = 2 * ring_bytes("all_reduce", seq * m * (m + 1) // 2 * 4, world)
         rows[("all_reduce", "token-term sums")] = ring_bytes("all_reduce", 2 * 4, world)
-    rows[("all_gather", "masks")] = ring_bytes("all_gather", b * seq * mask_bytes, world)
-    return {k: v * pairs for k, v in rows.items()}
+    out = {k: v * pairs for k, v in rows.items()}
+    out[("all_gather", "masks")] = ring_bytes("all_gather", b * seq * mask_bytes, world) * (pairs if groups is None else groups)
+    return out
 
 
 def zero_model(stage: int, world: int, student_params: float, teacher_params: float, param_bytes: int) -> dict[tuple[str, str], float]:
@@ -179,11 +185,13 @@ def zero_model(stage: int, world: int, student_params: float, teacher_params: fl
     return rows
 
 
-def scale_table(scheme: str, node_local: bool = False) -> list[str]:
+def scale_table(scheme: str, node_local: bool = False, positions: int = 0) -> list[str]:
     """The 16-rank model as table rows: bytes per rank and seconds per step at each link bandwidth; with
-    ``node_local`` FCD's batch spans one node's ranks (its collectives then cross NVLink only)."""
+    ``node_local`` FCD's batch spans one node's ranks (its collectives then cross NVLink only); ``positions``
+    as :func:`fcd_model`'s."""
     s = SCALE
-    fcd = fcd_model(scheme, s["ranks_per_node"] if node_local else s["world"], s["micro_batch"], s["seq"], s["c_s"], s["c_t"], s["feature_bytes"], s["pairs"], 1 if scheme == "gram" else 8)
+    fcd = fcd_model(scheme, s["ranks_per_node"] if node_local else s["world"], s["micro_batch"], s["seq"], s["c_s"], s["c_t"],
+                    s["feature_bytes"], s["pairs"], 1 if scheme == "gram" else 8, positions)
     zero = zero_model(3, s["world"], s["student_params"], s["teacher_params"], s["param_bytes"])
     lines = []
     for tag, rows in (("FCD", fcd), ("ZeRO-3", zero)):
@@ -196,6 +204,12 @@ def scale_table(scheme: str, node_local: bool = False) -> list[str]:
         lines.append("| FCD bytes between nodes | | | 0.0 | | |")
     lines.append(f"| FCD / ZeRO's gradient bytes | | | {sum(fcd.values()) / grad:.2f} | | |")
     return lines
+
+
+def positions_at(seq: int) -> int:
+    """The ``--fcd_sequence_positions`` variant's K: the fraction of positions the 16-rank model reads
+    (``SCALE["positions"]`` of ``SCALE["seq"]``) at ``seq`` positions."""
+    return max(2, seq * SCALE["positions"] // SCALE["seq"])
 
 
 def make_models(root: Path) -> tuple[Path, Path]:
@@ -259,12 +273,14 @@ def main() -> None:
     peak = measure_matmul_tflops() if rank == 0 else 0.0
     dist.barrier()
 
-    def engine_for(on: bool) -> DistillEngine:
-        a = DistillArguments(**{**dataclasses.asdict(plan.distill_args), "fcd_global_batch": on,
+    def engine_for(on: bool, positions: int = 0) -> DistillEngine:
+        a = DistillArguments(**{**dataclasses.asdict(plan.distill_args), "fcd_global_batch": on, "fcd_sequence_positions": positions,
                                 **{f"{t}_weight": None for t in ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")}})
         return DistillEngine(job.distiller.student, job.distiller.teacher, plan.pairs, a, plan.task, plan.attention_pairs)
 
-    variants = {"CE + FCD, global batch on": engine_for(True), "CE + FCD, global batch off": engine_for(False)}
+    k = positions_at(plan.data_args.max_seq_length)
+    variants = {"CE + FCD, global batch on": engine_for(True), "CE + FCD, global batch off": engine_for(False),
+                f"CE + FCD, global batch on, {k} positions": engine_for(True, k)}
     logs = {name: defaultdict(lambda: [0, 0, 0.0, 0.0]) for name in variants}
     times = defaultdict(list)
     for engine in variants.values():
@@ -290,25 +306,32 @@ def report(args, plan, world: int, logs: dict, times: dict, peak: float, scheme:
     b, n, pairs = plan.ds_config["train_micro_batch_size_per_gpu"], plan.data_args.max_seq_length, len(plan.pairs)
     stage = plan.ds_config["zero_optimization"]["stage"]
     steps = args.steps
-    on, off = (statistics.median(times[k]) for k in times)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    off = median["CE + FCD, global batch off"]
+    k = positions_at(n)
+    a = plan.distill_args
+    stacked = {"true": True, "false": False}.get(a.fcd_stack_pairs, world > 1)  # 'auto' on CPUs: stacked when the global batch spans ranks
+    per_group = max(1, a.fcd_chunk_size // n) if stacked else 1
+    groups = -(-pairs // per_group)
     env = f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else ""
     lines = [f"Command: `{env}deepspeed --num_gpus {world} {command_line('fcd_comm.py').removeprefix('python ')}`; {machine()}, {world} ranks (gloo), "
              f"{torch.get_num_threads()} torch thread(s) per rank; {matmul_rate(peak)} (rank 0, mean of before and after, the other ranks idle). "
              f"Teacher: random-init Llama {t_cfg.num_hidden_layers} x {t_cfg.hidden_size}; student: fresh {s_cfg.num_hidden_layers} x "
              f"{s_cfg.hidden_size} ({sum(p.numel() for p in _student_params(plan)) / 1e6:.1f}M parameters); micro-batch {b} x {n} tokens per rank, "
-             f"{pairs} layer pairs, ZeRO-{stage}, float32; FCD code: `{scheme}`. Per step, rank 0, mean of {steps} steps per variant "
+             f"{pairs} layer pairs ({groups} stacked group(s): --fcd_stack_pairs {a.fcd_stack_pairs}), ZeRO-{stage}, float32; FCD code: `{scheme}`. Per step, rank 0, mean of {steps} steps per variant "
              f"(interleaved, after {args.warmup} warm-up each); ring MiB = MiB one rank sends under ring algorithms.", "",
              "| variant | median step s | step / step with the global batch off | tokens/s (all ranks) |", "|---|---|---|---|",
-             f"| CE + FCD, global batch on | {on:.3f} | {on / off:.3f} | {world * b * n / on:.0f} |",
-             f"| CE + FCD, global batch off | {off:.3f} | 1.000 | {world * b * n / off:.0f} |", "",
+             *(f"| {name} | {t:.3f} | {t / off:.3f} | {world * b * n / t:.0f} |" for name, t in median.items()), "",
              "| variant | by | collective | calls | payload MiB | ring MiB, measured | ring MiB, modelled | seconds |", "|---|---|---|---|---|---|---|---|"]
-    model = fcd_model(scheme, world, b, n, s_cfg.hidden_size, t_cfg.hidden_size, 4, pairs, 1 if scheme == "gram" else 8)
-    by_op = defaultdict(float)
-    for (op, _), v in model.items():
-        by_op[op] += v
+    by_op = {}
+    for name, positions in (("CE + FCD, global batch on", 0), (f"CE + FCD, global batch on, {k} positions", k)):
+        by_op[name] = defaultdict(float)
+        for (op, _), v in fcd_model(scheme, world, b, n, s_cfg.hidden_size, t_cfg.hidden_size, 4, pairs, 1 if scheme == "gram" else 8, positions,
+                                    groups).items():
+            by_op[name][op] += v
     for name, log in logs.items():
         for (tag, op), (calls, payload, ring, seconds) in sorted(log.items()):
-            modelled = f"{by_op[op] / 2**20:.3f}" if tag == "FCD" and name.endswith(" on") else ""
+            modelled = f"{by_op[name][op] / 2**20:.3f}" if tag == "FCD" and name in by_op else ""
             lines.append(f"| {name} | {tag} | {op} | {calls / steps:g} | {payload / steps / 2**20:.3f} | {ring / steps / 2**20:.3f} | {modelled} | {seconds / steps:.4f} |")
     for name, log in logs.items():
         fcd = sum(v[2] for (tag, _), v in log.items() if tag == "FCD") / steps
@@ -321,12 +344,14 @@ def report(args, plan, world: int, logs: dict, times: dict, peak: float, scheme:
             f"{s['seq']}, student width {s['c_s']} ({s['student_params'] / 1e9:.2f}B parameters), teacher width {s['c_t']} "
             f"({s['teacher_params'] / 1e9:.2f}B), bf16, {s['pairs']} layer pairs, ZeRO-3 for both; seconds = ring bytes / bandwidth "
             f"({', '.join(f'{k}: {v / 1e9:.0f} GB/s per GPU' for k, v in LINKS.items())}), no latency term:")
-    schemes = (("gather", False, "before (features all-gathered)"), ("gram", False, "after (all_to_all + Gram all-reduce)"),
-               ("gram", True, "after, with a node-local global batch (8 ranks; modelled only, not an option of fcd_ds)"))
-    for sch, local, title in () if args.no_model else schemes:
+    schemes = (("gather", False, 0, "before (features all-gathered)"), ("gram", False, 0, "after (all_to_all + Gram all-reduce)"),
+               ("gram", True, 0, "after, with a node-local global batch (8 ranks; modelled only, not an option of fcd_ds)"),
+               ("gram", False, s["positions"], f"after, the sequence relation at {s['positions']} of the {s['seq']} positions "
+                                               f"(`--fcd_sequence_positions {s['positions']}`)"))
+    for sch, local, positions, title in () if args.no_model else schemes:
         lines += ["", f"{head} FCD {title}.", "",
                   "| by | collective | what | ring MiB per rank | " + " | ".join(f"s at {k}" for k in LINKS) + " |", "|---|---|---|---|---|---|"]
-        lines += scale_table(sch, local)
+        lines += scale_table(sch, local, positions)
     publish(lines, write=not args.no_write, heading=f"\n## FCD's collectives beside ZeRO's: {world} CPU ranks, FCD code `{scheme}`"
             f"{'' if args.no_model else ', modelled at 16 ranks'} ({utc_stamp()})\n\n")
 

@@ -196,6 +196,18 @@ LOSS_TERMS = ("ce", "fcd", "kd", "hidden_mse", "minilm", "dist")
 """Loss terms ``--loss`` can combine: the task loss and five distillation methods (see :class:`DistillArguments`)."""
 
 
+WEIGHT_SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: max(0.0, 1.0 - progress),
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))),
+}
+"""``--fcd_weight_schedule``: the factor on ``--fcd_weight`` at ``progress`` = steps done / ``--max_steps`` in [0, 1]."""
+FEATURE_TERMS = ("fcd", "hidden_mse", "minilm")
+"""Terms computed from intermediate features (block outputs, attention), which ``--loss_balancer`` rescales."""
+LOGIT_TERMS = ("kd", "dist")
+"""Terms computed from the teacher's logits, the reference of ``--loss_balancer``."""
+
+
 # Used when --loss is not given: the task loss plus FCD, each other term off unless its weight is given.
 _DEFAULT_WEIGHTS = {"ce": 1.0, "fcd": 1.0, "kd": 0.0, "hidden_mse": 0.0, "minilm": 0.0, "dist": 0.0}
 
@@ -229,7 +241,8 @@ class DistillArguments:
     fcd_beta: float = field(default=1.0, metadata={"help": "Weight of FCD's sequence-level relation term."})
     fcd_sequence_relation: str = field(default="position", metadata={"help": f"Sequence relation: one of {SEQUENCE_RELATIONS}."})
     fcd_global_batch: bool = field(default=True, metadata={"help": "All-gather features over data-parallel ranks for the sequence relation."})
-    fcd_stack_pairs: str = field(default="auto", metadata={"help": "Compute the FCD layer pairs stacked, one set of kernels for several pairs (fcd_ds.losses.fcd_pair_terms; same values): 'true', 'false', or 'auto' = on GPUs and other accelerators (launch-bound at short sequences), off on CPUs (slower there: benchmarks/RESULTS.md)."})
+    fcd_sequence_positions: int = field(default=0, metadata={"help": "Read the position sequence relation at this many evenly spaced positions instead of all N (an approximation that cuts its collective bytes and O(N B^2 C) work by that fraction: benchmarks/fcd_comm.py); 0 = every position, the spec's relation."})
+    fcd_stack_pairs: str = field(default="auto", metadata={"help": "Compute the FCD layer pairs stacked, one set of kernels for several pairs (fcd_ds.losses.fcd_pair_terms; same values): 'true', 'false', or 'auto' = on GPUs and other accelerators (launch-bound at short sequences), and on CPUs when FCD's global batch spans several ranks (one set of collectives per group instead of per pair), else off on CPUs (slower there: benchmarks/RESULTS.md)."})
     fcd_chunk_size: int = field(default=1024, metadata={"help": "Rows of the N x N token relation, and positions of the B x N x B sequence relation, computed at once (memory bound)."})
     kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of logit KD."})
     fused_logit_loss: bool = field(default=True, metadata={"help": "Causal LMs: compute the next-token CE and logit KD inside the LM head a chunk of 256 tokens at a time from the last hidden states, so no (B, N, V) logits are held (fcd_ds.losses.fused; same values). Off with dist (it needs the logits) and for encoders."})
@@ -238,6 +251,8 @@ class DistillArguments:
     dist_temperature: float = field(default=1.0, metadata={"help": "Temperature of DIST (the paper's default: 1)."})
     dist_inter_weight: float = field(default=1.0, metadata={"help": "DIST's beta: weight of the inter-class relation."})
     dist_intra_weight: float = field(default=1.0, metadata={"help": "DIST's gamma: weight of the intra-class relation."})
+    fcd_weight_schedule: str = field(default="constant", metadata={"help": f"FCD's weight over training: one of {tuple(WEIGHT_SCHEDULES)}: 'constant' (--fcd_weight throughout), 'linear' (from --fcd_weight at step 0 to 0 at --max_steps) or 'cosine' (half a cosine from --fcd_weight to 0): FCD early, the other terms throughout."})
+    loss_balancer: float = field(default=0.0, metadata={"help": "Rescale the feature terms (fcd, hidden_mse, minilm) every micro-batch so that their weighted sum is this fraction of the weighted logit loss (kd, dist), the scale not differentiated (the idea of NVIDIA ModelOpt's LogitsAndIntermediatesLossBalancer, which uses 1); 0 = off, the weights alone."})
 
     def __post_init__(self):
         _finite(self)
@@ -248,12 +263,24 @@ class DistillArguments:
             _positive(name, getattr(self, name))
         if self.fcd_sequence_relation not in SEQUENCE_RELATIONS:
             raise UsageError(f"--fcd_sequence_relation: must be one of {SEQUENCE_RELATIONS}, got {self.fcd_sequence_relation!r}")
+        if self.fcd_sequence_positions < 0:
+            raise UsageError(f"--fcd_sequence_positions: must be >= 0 (0 = every position), got {self.fcd_sequence_positions}")
+        if self.fcd_sequence_positions and self.fcd_sequence_relation != "position":
+            raise UsageError("--fcd_sequence_positions: applies to --fcd_sequence_relation position only; drop it, or use the position relation")
         if self.fcd_stack_pairs not in FCD_STACK_PAIRS:
             raise UsageError(f"--fcd_stack_pairs: must be one of {tuple(FCD_STACK_PAIRS)}, got {self.fcd_stack_pairs!r}")
         if self.fcd_weight and not (self.fcd_alpha or self.fcd_beta):
             raise UsageError("--fcd_alpha and --fcd_beta are both 0; set one > 0, or --fcd_weight 0 to switch FCD off")
         if self.dist_weight and not (self.dist_inter_weight or self.dist_intra_weight):
             raise UsageError("--dist_inter_weight and --dist_intra_weight are both 0; set one > 0, or drop dist from --loss")
+        if self.fcd_weight_schedule not in WEIGHT_SCHEDULES:
+            raise UsageError(f"--fcd_weight_schedule: must be one of {tuple(WEIGHT_SCHEDULES)}, got {self.fcd_weight_schedule!r}")
+        _positive("loss_balancer", self.loss_balancer, allow_zero=True)
+        if self.loss_balancer:
+            w = self.weights
+            if not any(w[t] for t in LOGIT_TERMS) or not any(w[t] for t in FEATURE_TERMS):
+                raise UsageError(f"--loss_balancer: needs a logit term {LOGIT_TERMS} and a feature term {FEATURE_TERMS} in --loss "
+                                 f"(got {self.loss or 'the default ce+fcd'}); add them, e.g. --loss ce+kd+fcd, or drop --loss_balancer")
         if not any(self.weights.values()):
             raise UsageError(f"every loss weight is 0 ({', '.join(f'--{t}_weight' for t in LOSS_TERMS)}); nothing to train")
 
@@ -339,6 +366,7 @@ class TrainArguments:
     teacher_offload: str | None = field(default=None, metadata={"help": "'cpu': the teacher engine runs ZeRO-3 with its parameters offloaded to CPU memory (offload_param), whatever the student's stage; 'none': no offload; default: the JSON's zero_optimization.offload_param when the student runs ZeRO-3.", "choices": ["cpu", "none"]})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the teacher and the untrained student before training (reported as teacher_eval_* and student_eval_*_initial)."})
     eval_steps: int = field(default=0, metadata={"help": "Also evaluate the student every N steps (0: only at the end); logged as eval/* with the training seconds so far."})
+    grad_norm_steps: int = field(default=0, metadata={"help": "Every N steps, also log the L2 norm of each weighted loss term's gradient with respect to each --layer_map student block output, grad_norm/<term>/s<block> (one extra backward per term on those steps; needs a block-feature term (fcd, hidden_mse), ZeRO 0-2 and no activation checkpointing); 0 = off."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16 dense)."})
     host_memory_reuse: str = field(default="auto", metadata={"help": "Keep freed host memory in glibc's heap for the next step instead of mapping it afresh (fcd_ds.runtime.host_memory; same values, fewer page faults): 'true', 'false', or 'auto' = on when training on CPUs unless LD_PRELOAD, GLIBC_TUNABLES or MALLOC_*_ already set the allocator."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank that read, tokenise (streaming) and collate batches ahead of the step (HF's name); 0: in the training process."})
@@ -357,6 +385,7 @@ class TrainArguments:
         _positive("save_steps", self.save_steps, allow_zero=True)
         _positive("save_total_limit", self.save_total_limit, allow_zero=True)
         _positive("eval_steps", self.eval_steps, allow_zero=True)
+        _positive("grad_norm_steps", self.grad_norm_steps, allow_zero=True)
         _positive("dataloader_num_workers", self.dataloader_num_workers, allow_zero=True)
         if self.dataloader_prefetch_factor is not None and not self.dataloader_num_workers:
             raise UsageError("--dataloader_prefetch_factor: needs --dataloader_num_workers > 0 (torch's rule); add workers or drop it")

@@ -75,14 +75,16 @@ class DistillEngine:
         through the teacher's DeepSpeed engine (ZeRO-3 keeps its parameter-fetch trace and prefetching)."""
         return self.objective.teacher_forward(self.teacher, batch)
 
-    def losses(self, batch: dict, teacher: TeacherView | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: dict, teacher: TeacherView | None, grad_norms: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student forward through its engine and every loss term that is on: ``(total, terms)`` of
         :meth:`DistillObjective.losses <fcd_ds.objective.DistillObjective.losses>`."""
-        total, terms, _ = self.objective.losses(self.student, batch, teacher)
+        total, terms, _ = self.objective.losses(self.student, batch, teacher, grad_norms=grad_norms)
         return total, terms
 
-    def train_step(self, micro_batches) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches from ``micro_batches``.
+    def train_step(self, micro_batches, grad_norms: bool = False) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches from ``micro_batches``;
+        with ``grad_norms`` also each term's gradient norm at the student's blocks (``--grad_norm_steps``:
+        :meth:`~fcd_ds.objective.DistillObjective.term_grad_norms`, averaged over the micro-batches).
 
         Returns:
             Mean of every loss term over the micro-batches, plus seconds spent in ``time/teacher_forward``,
@@ -101,7 +103,7 @@ class DistillEngine:
                 view = self.teacher_forward(batch) if self.needs_teacher else None
             _sync()
             t1 = time.perf_counter()
-            total, terms = self.losses(batch, view)
+            total, terms = self.losses(batch, view, grad_norms)
             self.student.backward(total)
             _sync()
             t2 = time.perf_counter()

@@ -145,7 +145,8 @@ def model_card(plan, metrics: dict, world_size: int) -> str:
     cfg = plan.student_config
     terms = [f"{a.ce_weight} x task loss"] if a.ce_weight else []
     if a.uses_fcd:
-        terms.append(f"{a.fcd_weight} x FCD (alpha {a.fcd_alpha}, beta {a.fcd_beta}, {a.fcd_sequence_relation} sequence relation)")
+        terms.append(f"{a.fcd_weight} x FCD (alpha {a.fcd_alpha}, beta {a.fcd_beta}, {a.fcd_sequence_relation} sequence relation"
+                     + (f" at {a.fcd_sequence_positions} positions" if a.fcd_sequence_positions else "") + ")")
     if a.uses_kd:
         terms.append(f"{a.kd_weight} x logit KD (T = {a.kd_temperature})")
     if a.hidden_mse_weight:

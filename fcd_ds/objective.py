@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
+from .config import FEATURE_TERMS, LOGIT_TERMS, WEIGHT_SCHEDULES
 from .data import pad_batch_to
 from .early_exit import EarlyExit
 from .features import AttentionCapture, FeatureCapture
@@ -41,7 +42,7 @@ from .losses import FCD_STACK_PAIRS, dist_loss, fcd_pair_terms, hidden_mse_loss,
 from .projections import hidden_projection
 from .runtime.distributed import all_reduce_host
 
-__all__ = ["DistillObjective", "TeacherView", "weighted_total", "FUSED_TERMS"]
+__all__ = ["DistillObjective", "TeacherView", "weighted_total", "balancer_scale", "FUSED_TERMS"]
 
 FUSED_TERMS = ("ce", "kd")  # the terms the fused logit head computes and weights inside the student's head
 
@@ -73,7 +74,32 @@ def _pair_mean(pairs: list[LayerPair], values: list[torch.Tensor]) -> torch.Tens
     return sum(p.weight * v for p, v in zip(pairs, values)) / sum(p.weight for p in pairs)
 
 
-def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float], fused: torch.Tensor | None = None) -> torch.Tensor:
+def balancer_scale(terms: dict[str, torch.Tensor], weights: dict[str, float], fraction: float) -> torch.Tensor | None:
+    """``--loss_balancer``'s factor on the feature terms: ``fraction * logit / feature``, not differentiated, where
+    ``logit`` and ``feature`` are the weighted sums of the :data:`~fcd_ds.config.LOGIT_TERMS` and
+    :data:`~fcd_ds.config.FEATURE_TERMS` present in ``terms`` (0-dim float32 ``loss/<term>``). After it, the
+    feature terms add ``fraction`` times the logit loss to the total, whatever their own scale; their gradient
+    direction is kept. The idea of NVIDIA ModelOpt's ``LogitsAndIntermediatesLossBalancer`` (Model Optimizer,
+    torch/distill/plugins/megatron.py: the intermediate loss rescaled to the logit loss, fraction 1), without
+    its second rescaling of the distillation loss to the task loss.
+
+    Returns:
+        0-dim float32 tensor without gradient, or None when ``fraction`` is 0, a side is absent, or the
+        feature loss is 0 (nothing to rescale: the weights apply unchanged).
+    """
+    if not fraction:
+        return None
+    def side(names):  # noqa: E306
+        present = [weights[t] * terms[f"loss/{t}"].detach().float() for t in names if weights.get(t) and f"loss/{t}" in terms]
+        return sum(present) if present else None
+    logit, feature = side(LOGIT_TERMS), side(FEATURE_TERMS)
+    if logit is None or feature is None or not feature > 0:
+        return None
+    return fraction * logit / feature
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float], fused: torch.Tensor | None = None,
+                   feature_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss: ``sum_t weights[t] * terms["loss/" + t]`` over the terms that are on.
 
     Args:
@@ -82,6 +108,7 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float], fu
         fused: the fused logit head's output, already ``ce_weight * ce + kd_weight * kd`` (0-dim); when
             given, :data:`FUSED_TERMS` in ``terms`` are reported values only and are not added again.
             ZeRO-3's backward hooks sit on this tensor, so it is the one that must reach backward.
+        feature_scale: a factor on the :data:`~fcd_ds.config.FEATURE_TERMS` (:func:`balancer_scale`), or None.
 
     Returns:
         0-dim float32 tensor.
@@ -90,7 +117,8 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float], fu
     for term, weight in weights.items():
         key = f"loss/{term}"
         if weight and key in terms and not (fused is not None and term in FUSED_TERMS):
-            total = weight * terms[key] if total is None else total + weight * terms[key]
+            value = weight * terms[key] if feature_scale is None or term not in FEATURE_TERMS else feature_scale * weight * terms[key]
+            total = value if total is None else total + value
     return total if total is not None else torch.zeros((), dtype=torch.float32)
 
 
@@ -116,6 +144,7 @@ class DistillObjective:
         self.pairs = list(pairs)
         self.attention_pairs = list(attention_pairs)
         self.args = distill
+        self.progress = 0.0  # steps done / max_steps, set by the training loop: --fcd_weight_schedule reads it
         self.task = task
         feats, attn = distill.uses_block_features, distill.uses_attention
         self.student_capture = FeatureCapture(student, [p.student for p in self.pairs]) if feats else None
@@ -133,6 +162,31 @@ class DistillObjective:
         fused = distill.fused_logit_loss and task.fused_logit_loss and not distill.dist_weight and (distill.ce_weight or distill.kd_weight)
         self.fused_head = (FusedLogitHead(student, teacher if distill.kd_weight else None, ce_weight=distill.ce_weight,
                                           kd_weight=distill.kd_weight, temperature=distill.kd_temperature) if fused else None)
+
+    def term_grad_norms(self, terms: dict, weights: dict, fused: torch.Tensor | None, scale: torch.Tensor | None,
+                        feats: dict) -> dict[str, torch.Tensor]:
+        """L2 norm of each weighted term's gradient with respect to each ``--layer_map`` student block output,
+        as it enters the total (``--loss_balancer``'s factor included): ``grad_norm/<term>/s<block>``, 0-dim
+        float32; under the fused head CE and KD are one tensor, ``grad_norm/ce+kd/s<block>``. Norms over this
+        rank's micro-batch, (B, N, C) each. One ``torch.autograd.grad`` per term, the graph kept for the
+        training backward. A term whose gradient does not reach a block (a block after the last one a
+        feature loss reads, for the head's losses never) gives 0.
+        """
+        blocks = sorted({p.student for p in self.pairs if p.student in feats})
+        inputs = [feats[i] for i in blocks]
+        parts = {"ce+kd": fused} if fused is not None else {}
+        for term, weight in weights.items():
+            key = f"loss/{term}"
+            if weight and key in terms and not (fused is not None and term in FUSED_TERMS):
+                parts[term] = weight * terms[key] * (scale if scale is not None and term in FEATURE_TERMS else 1.0)
+        out = {}
+        for term, value in parts.items():
+            if not (inputs and value.requires_grad):
+                continue
+            grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+            for i, g in zip(blocks, grads):
+                out[f"grad_norm/{term}/s{i}"] = g.detach().float().norm() if g is not None else torch.zeros(())
+        return out
 
     def equal_lengths(self, batch: dict, pad_id: int) -> dict:
         """``batch`` padded to the longest N of any rank when FCD's global-batch sequence relation is on over
@@ -170,13 +224,15 @@ class DistillObjective:
         attn = dict(self.teacher_attention.features) if self.teacher_attention is not None else {}
         return TeacherView(feats, attn, outputs if logits else None)
 
-    def losses(self, student: Callable, batch: dict, teacher: TeacherView | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
+    def losses(self, student: Callable, batch: dict, teacher: TeacherView | None, *,
+               grad_norms: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
         """Student forward and every loss term that is on.
 
         Args:
             student: what runs the student's forward (its ``DeepSpeedEngine``, or the model).
             batch: the task's batch (``input_ids`` (B, N), ``attention_mask`` (B, N), ...).
             teacher: :meth:`teacher_forward`'s view, or None when no term reads the teacher.
+            grad_norms: also return ``grad_norm/<term>/s<block>`` (:meth:`term_grad_norms`).
 
         Returns:
             ``(total, terms, outputs)``: the 0-dim float32 training loss; the unweighted float32 scalars
@@ -184,8 +240,28 @@ class DistillObjective:
             ``fcd/<pair>/sequence``, ``hidden_mse/<pair>``, ``minilm/<pair>``, and ``loss/total``; and the
             student's outputs (under the fused head, ``outputs.logits`` is the weighted CE + KD loss).
         """
+        norms = {}
+        if grad_norms:
+            # A forward of the model itself (no DeepSpeed engine: its output hooks would start the ZeRO backward
+            # bookkeeping for each term), the random state forked so that its dropout masks are the training
+            # forward's and training draws the same numbers as without the measurement.
+            module = getattr(student, "module", student)
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                norms = {k: v for k, v in self._losses(module, batch, teacher, measure=True)[1].items() if k.startswith("grad_norm/")}
+        total, terms, outputs = self._losses(student, batch, teacher)
+        terms.update(norms)
+        return total, terms, outputs
+
+    def _losses(self, student: Callable, batch: dict, teacher: TeacherView | None, measure: bool = False):
+        """:meth:`losses`' work; with ``measure`` its terms also hold :meth:`term_grad_norms`."""
         mask = batch["attention_mask"]
         a, w = self.args, self.args.weights
+        terms: dict[str, torch.Tensor] = {}
+        w_now = dict(w)  # the weights of this step: --fcd_weight_schedule on fcd's, after --loss_balancer's scale
+        if w["fcd"] and a.fcd_weight_schedule != "constant":
+            w_now["fcd"] = w["fcd"] * WEIGHT_SCHEDULES[a.fcd_weight_schedule](self.progress)
+            terms["weight/fcd"] = torch.tensor(w_now["fcd"])
         fused = nullcontext([])
         if self.fused_head is not None:  # the head returns the weighted CE + KD loss instead of logits
             t_hidden = teacher.outputs.logits if w["kd"] else None  # (B, N, C_t): the teacher's head was an identity
@@ -193,7 +269,6 @@ class DistillObjective:
         with _recording(self.student_capture, self.student_attention), fused as fused_out:
             outputs = student(**self.task.model_inputs(batch, logits=self.student_logits))
         feats = self.student_capture.features if self.student_capture is not None else {}
-        terms: dict[str, torch.Tensor] = {}
         # The head's returned output, not fused_out[0].loss: ZeRO-3's backward hooks sit on that output.
         fused_loss = outputs.logits if fused_out else None
         used_outputs = fused_loss is not None
@@ -212,6 +287,7 @@ class DistillObjective:
                 pair_terms = fcd_pair_terms([feats[p.student] for p in self.pairs], [teacher.features[p.teacher] for p in self.pairs],
                                             mask, alpha=a.fcd_alpha, beta=a.fcd_beta, sequence_relation=a.fcd_sequence_relation,
                                             global_batch=a.fcd_global_batch, chunk_size=a.fcd_chunk_size,
+                                            sequence_positions=a.fcd_sequence_positions or None,
                                             stack=FCD_STACK_PAIRS[a.fcd_stack_pairs])
             for p, t in zip(self.pairs, pair_terms):
                 terms[f"fcd/{p.name}/token"], terms[f"fcd/{p.name}/sequence"] = t.token, t.sequence
@@ -240,7 +316,10 @@ class DistillObjective:
             terms["loss/dist"] = dist_loss(s_logits, t_logits, sample_mask, temperature=a.dist_temperature,
                                            inter_weight=a.dist_inter_weight, intra_weight=a.dist_intra_weight)
             used_outputs = True
-        total = weighted_total(terms, w, fused_loss).to(mask.device)
+        scale = balancer_scale(terms, w, a.loss_balancer)
+        if scale is not None:
+            terms["balancer/feature_scale"] = scale
+        total = weighted_total(terms, w_now, fused_loss, scale).to(mask.device)
         if not used_outputs:
             # DeepSpeed starts its backward bookkeeping (ZeRO's enter_backward, the accumulation boundary)
             # from hooks on the forward's outputs; a loss of intermediate features alone would never fire
@@ -248,6 +327,8 @@ class DistillObjective:
             tie = _first_output_tensor(outputs)
             if tie is not None:
                 total = total + 0.0 * tie.float().sum()
+        if measure:
+            terms.update(self.term_grad_norms(terms, w_now, fused_loss, scale, feats))
         if self.student_capture is not None:
             self.student_capture.features = {}  # the graph keeps what backward needs
         if self.student_attention is not None:

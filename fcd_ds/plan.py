@@ -131,6 +131,22 @@ def student_num_params(task, config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_grad_norms(distill_args, model_args, ds_config: dict) -> None:
+    """``--grad_norm_steps`` differentiates each term separately with respect to the student's block outputs
+    (``torch.autograd.grad``): that needs the captured blocks of a block-feature term, and a backward that
+    ZeRO-3's parameter hooks and reentrant activation checkpointing do not expect twice.
+
+    Raises:
+        UsageError: no block-feature term, ZeRO-3, or ``--gradient_checkpointing``.
+    """
+    if not distill_args.uses_block_features:
+        raise UsageError("--grad_norm_steps: reads the --layer_map student blocks of a block-feature term; add fcd or hidden_mse to --loss, or drop the flag")
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise UsageError("--grad_norm_steps: not with ZeRO-3 (its parameter hooks expect one backward per micro-batch); measure at ZeRO 0-2")
+    if model_args.gradient_checkpointing:
+        raise UsageError("--grad_norm_steps: not with --gradient_checkpointing (its recomputation expects one backward); drop one of them")
+
+
 def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPlan:
     """Resolve the launcher's defaults and validate a run. Mutates ``model_args`` (default teacher and
     student depth) and ``data_args`` (default data paths).
@@ -193,6 +209,8 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
                                            pruned_from, flag="--minilm_layer_map") if distill_args.uses_attention else [])
         if distill_args.uses_attention:
             check_minilm(distill_args, teacher_config, student_config, task)
+        if train_args.grad_norm_steps:
+            check_grad_norms(distill_args, model_args, ds_config)
     for flag, path in (("--teacher", teacher), ("--student" if teacher is not None else "--model_name_or_path", model_args.student)):
         if path is not None:
             check_weight_files(path, flag, model_args.use_safetensors)

@@ -373,7 +373,8 @@ def train(job: Job) -> None:
     try:
         while state.step < t.max_steps:
             start = time.perf_counter()
-            m = job.distiller.train_step(job.micro_batches)
+            job.distiller.objective.progress = state.step / t.max_steps  # --fcd_weight_schedule
+            m = job.distiller.train_step(job.micro_batches, bool(t.grad_norm_steps) and (state.step + 1) % t.grad_norm_steps == 0)
             seconds = time.perf_counter() - start
             state.step += 1
             loss_terms = sorted(k for k in m if k.startswith("loss/"))

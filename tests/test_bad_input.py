@@ -60,6 +60,13 @@ CASES = {
     "NaN weight": (["--fcd_weight", "nan"], "--fcd_weight: must be a finite number, got nan"),
     "infinite learning rate": (["--learning_rate", "inf"], "--learning_rate: must be a finite number, got inf"),
     "stack pairs value": (["--fcd_stack_pairs", "yes"], "--fcd_stack_pairs: must be one of ('auto', 'true', 'false'), got 'yes'"),
+    "sequence positions with pooled": (["--fcd_sequence_relation", "pooled", "--fcd_sequence_positions", "64"],
+                                       "--fcd_sequence_positions: applies to --fcd_sequence_relation position only"),
+    "loss balancer without a logit term": (["--loss", "ce+fcd", "--loss_balancer", "1"],
+                                           "--loss_balancer: needs a logit term ('kd', 'dist') and a feature term"),
+    "grad norms without a block-feature term": (["--loss", "ce+kd", "--grad_norm_steps", "2"],
+                                                "--grad_norm_steps: reads the --layer_map student blocks of a block-feature term"),
+    "fcd weight schedule value": (["--fcd_weight_schedule", "step"], "--fcd_weight_schedule: must be one of ('constant', 'linear', 'cosine'), got 'step'"),
     "host memory reuse value": (["--host_memory_reuse", "on"], "--host_memory_reuse: must be one of ('auto', 'true', 'false'), got 'on'"),
 }
 

@@ -27,47 +27,50 @@ def _pairs(x_s, h_t, w):
     return [h, torch.tanh(h)], [h_t, h_t.flip(-1)]
 
 
-def _full(kind):
+def _full(kind, positions):
     x_s, h_t, w, mask = _inputs()
     w = w.clone().requires_grad_(True)
-    loss = fcd_loss(x_s @ w, h_t, mask, sequence_relation=kind)
+    loss = fcd_loss(x_s @ w, h_t, mask, sequence_relation=kind, sequence_positions=positions)
     loss.backward()
     hs, ht = _pairs(x_s, h_t, w)
-    pairs = sum(sum(fcd_terms(a, b, mask, sequence_relation=kind)) for a, b in zip(hs, ht))  # one pair at a time
+    pairs = sum(sum(fcd_terms(a, b, mask, sequence_relation=kind, sequence_positions=positions)) for a, b in zip(hs, ht))  # one pair at a time
     return loss.item(), w.grad, pairs.item(), torch.autograd.grad(pairs, w)[0]
 
 
-def _worker(rank, port, kind, out):
+def _worker(rank, port, kind, positions, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     x_s, h_t, w, mask = _inputs()
     part = slice(3 * rank, 3 * rank + 3)
     w = w.clone().requires_grad_(True)
     # chunk_size None: the sequence term in one block, whose gradient w.r.t. the gathered features is not
     # contiguous (torch.distributed.nn.functional.all_gather got that case wrong on gloo)
-    loss = fcd_loss(x_s[part] @ w, h_t[part], mask[part], sequence_relation=kind, global_batch=True, chunk_size=None)
+    loss = fcd_loss(x_s[part] @ w, h_t[part], mask[part], sequence_relation=kind, global_batch=True, chunk_size=None,
+                    sequence_positions=positions)
     loss.backward()
     dist.all_reduce(w.grad)
     w.grad /= 2  # DeepSpeed's data-parallel gradient averaging
     # The layer pairs stacked (the engine's path on GPUs): the gathers move the pair dimension behind B.
     hs, ht = _pairs(x_s[part], h_t[part], w)
-    pairs = sum(sum(t) for t in fcd_pair_terms(hs, ht, mask[part], sequence_relation=kind, global_batch=True, stack=True))
+    pairs = sum(sum(t) for t in fcd_pair_terms(hs, ht, mask[part], sequence_relation=kind, global_batch=True, stack=True,
+                                                sequence_positions=positions))
     pair_grad = torch.autograd.grad(pairs, w)[0]
     dist.all_reduce(pair_grad)
     out[rank] = (loss.item(), w.grad.clone(), pairs.item(), pair_grad / 2)
     dist.destroy_process_group()
 
 
-def _split(kind):
+def _split(kind, positions):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(free_port(), kind, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), kind, positions, out), nprocs=2, join=True)
         return dict(out)
 
 
 def test_global_batch_loss_and_gradient_match_one_process():
-    for kind in ("position", "pooled"):
-        full_loss, full_grad, full_pairs, full_pair_grad = _full(kind)
-        results = _split(kind)
+    # position relation at every position, at 4 of the 10 (--fcd_sequence_positions), and pooled
+    for kind, positions in (("position", None), ("position", 4), ("pooled", None)):
+        full_loss, full_grad, full_pairs, full_pair_grad = _full(kind, positions)
+        results = _split(kind, positions)
         for rank in (0, 1):
             loss, grad, pairs, pair_grad = results[rank]
             assert abs(loss - full_loss) < 1e-5, (kind, rank, loss, full_loss)

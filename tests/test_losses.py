@@ -254,3 +254,30 @@ def test_logit_kd_identity_formula_and_mask():
     assert logit_kd_loss(s2, t, mask, temperature=temp).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         logit_kd_loss(s, t, mask, temperature=0)
+
+
+def test_sequence_positions_read_the_relation_at_evenly_spaced_positions():
+    """--fcd_sequence_positions K: the position relation of the K positions (2i + 1) N // 2K, the same value and
+    student gradient as the relation of those columns alone; K = 0, None or >= N is every position; the
+    identity property still holds."""
+    from fcd_ds.losses.fcd import sampled_positions
+
+    assert sampled_positions(12, 4).tolist() == [1, 4, 7, 10]
+    assert sampled_positions(12, 5).tolist() == [1, 3, 6, 8, 10]
+    assert sampled_positions(12, None) is None and sampled_positions(12, 0) is None and sampled_positions(12, 12) is None
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        sampled_positions(12, -1)
+    h_s, h_t = feats(seed=3).requires_grad_(True), feats(c=24, seed=4)
+    mask = (torch.arange(12)[None, :] < torch.tensor([12, 9, 5, 11])[:, None]).long()
+    kept, left = [1, 4, 7, 10], [0, 2, 3, 5, 6, 8, 9, 11]
+    sub = h_s.detach()[:, kept].clone().requires_grad_(True)
+    sampled = sequence_loss(h_s, h_t, mask, positions=4)
+    reference = sequence_loss(sub, h_t[:, kept], mask[:, kept])
+    assert torch.allclose(sampled, reference, atol=1e-7)
+    sampled.backward(), reference.backward()
+    assert torch.allclose(h_s.grad[:, kept], sub.grad, atol=1e-7)
+    assert h_s.grad[:, left].abs().max() == 0  # positions not read get no gradient
+    assert not torch.allclose(sampled, sequence_loss(h_s, h_t, mask))  # it is another value than every position's
+    assert torch.equal(sequence_loss(h_s, h_t, mask, positions=0), sequence_loss(h_s, h_t, mask, positions=12))
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    assert fcd_loss(h_s, h_s @ q, mask, sequence_positions=3).abs() < 1e-5

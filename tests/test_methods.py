@@ -109,3 +109,56 @@ def test_distillation_terms_alone_train_the_student_at_every_zero_stage(stage, t
         assert any(k.startswith(PROJECTION_ATTR) for k in module), sorted(module)[:5]
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["student_eval_perplexity"])
+
+
+def test_loss_balancer_and_term_gradient_norms(tiny_models, corpus, tmp_path):
+    """--loss_balancer 0.5 with ce+kd+fcd: every step's total is ce + kd + 0.5 kd (the FCD term rescaled, its
+    factor logged), on 2 real ranks; the factor is fraction x kd / fcd of that step. --grad_norm_steps logs
+    every term's gradient norm at the student's blocks and leaves the training as it is."""
+    from fcd_ds.objective import balancer_scale, weighted_total
+
+    out, measured = tmp_path / "run", tmp_path / "measured"
+    unfused = ("--fused_logit_loss", "false")  # CE and KD as two tensors, so that each has its own gradient norm
+    assert_ok(run_launcher(run_args(tiny_models, corpus, out, "ce+kd+fcd", DS_CONFIG_DIR / "zero2.json", "--loss_balancer", 0.5, *unfused)))
+    for r in read_train_log(out):
+        assert r["train/loss/total"] == pytest.approx(r["train/loss/ce"] + 1.5 * r["train/loss/kd"], rel=1e-4)
+        assert r["train/balancer/feature_scale"] > 0
+    # --grad_norm_steps 2: each weighted term's gradient norm at the student's --layer_map blocks on step 2 only;
+    # measuring does not change training (the same student as without it)
+    assert_ok(run_launcher(run_args(tiny_models, corpus, measured, "ce+kd+fcd", DS_CONFIG_DIR / "zero2.json", "--loss_balancer", 0.5,
+                                    "--grad_norm_steps", 2, *unfused)))
+    rows = read_train_log(measured)
+    norms = sorted(k for k in rows[1] if k.startswith("train/grad_norm/"))
+    blocks = {k.rsplit("/", 1)[1] for k in norms}
+    assert norms == sorted(f"train/grad_norm/{t}/{b}" for t in ("ce", "kd", "fcd") for b in blocks) and blocks, norms
+    assert all(rows[1][k] > 0 for k in norms) and not any(k.startswith("train/grad_norm/") for k in {*rows[0], *rows[2]})
+    assert max_difference(weights(measured / "student"), weights(out / "student")) == 0.0
+    fcd = torch.tensor(0.25, requires_grad=True)
+    terms = {"loss/ce": torch.tensor(1.0), "loss/kd": torch.tensor(2.0), "loss/fcd": fcd}
+    w = {"ce": 1.0, "kd": 0.5, "fcd": 3.0}
+    scale = balancer_scale(terms, w, 0.5)
+    assert scale.item() == pytest.approx(0.5 * 0.5 * 2.0 / (3.0 * 0.25)) and not scale.requires_grad
+    total = weighted_total(terms, w, feature_scale=scale)
+    assert total.item() == pytest.approx(1.0 + 1.0 + 0.5)
+    total.backward()
+    assert fcd.grad.item() == pytest.approx(scale.item() * 3.0)  # the scale is a constant of backward
+    assert balancer_scale(terms, w, 0.0) is None
+    assert balancer_scale({"loss/ce": torch.tensor(1.0), "loss/fcd": fcd}, w, 0.5) is None  # no logit term
+
+
+def test_fcd_weight_schedule_decays_fcd_and_keeps_the_other_terms(tiny_models, corpus, tmp_path):
+    """--fcd_weight_schedule linear: FCD's weight is --fcd_weight x (1 - steps done / max_steps) in each step's
+    total, logged as weight/fcd; the other terms keep theirs (2 real ranks). The schedules' shapes."""
+    from fcd_ds.config import WEIGHT_SCHEDULES
+
+    assert [WEIGHT_SCHEDULES["linear"](p) for p in (0.0, 0.25, 1.0)] == [1.0, 0.75, 0.0]
+    assert WEIGHT_SCHEDULES["cosine"](0.0) == 1.0 and WEIGHT_SCHEDULES["cosine"](0.5) == pytest.approx(0.5)
+    assert WEIGHT_SCHEDULES["cosine"](1.0) == pytest.approx(0.0, abs=1e-12) and WEIGHT_SCHEDULES["constant"](0.7) == 1.0
+    out = tmp_path / "run"
+    assert_ok(run_launcher(run_args(tiny_models, corpus, out, "ce+fcd", DS_CONFIG_DIR / "zero2.json", "--fcd_weight", 2,
+                                    "--fcd_weight_schedule", "linear")))
+    rows = read_train_log(out)
+    for step, r in enumerate(rows):
+        weight = 2.0 * (1 - step / STEPS)
+        assert r["train/weight/fcd"] == pytest.approx(weight)
+        assert r["train/loss/total"] == pytest.approx(r["train/loss/ce"] + weight * r["train/loss/fcd"], rel=1e-5)

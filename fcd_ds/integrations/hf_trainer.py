@@ -192,6 +192,7 @@ class FCDTrainer(Trainer):
         """
         batch = self.objective.equal_lengths(hf_batch(inputs), self.pad_id)  # Trainer batches differ in N
         view = self.objective.teacher_forward(self.teacher, batch) if self.teacher is not None else None
+        self.objective.progress = self.state.global_step / max(1, self.state.max_steps)  # --fcd_weight_schedule
         total, terms, outputs = self.objective.losses(model, batch, view)
         mode = "train" if model.training else "eval"
         for key, value in terms.items():

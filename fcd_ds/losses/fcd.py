@@ -11,7 +11,7 @@ from ..runtime.distributed import all_gather_no_grad, all_gather_with_grad, glob
 from .correlation import mean_one_minus_rho, pearson_correlation
 from .relations import NORM_EPS, SEQUENCE_RELATIONS, mean_pool, pooled_relation, sequence_correlation, token_correlation
 
-__all__ = ["FCD_STACK_PAIRS", "FCDTerms", "fcd_terms", "fcd_pair_terms", "fcd_loss", "token_loss", "sequence_loss"]
+__all__ = ["FCD_STACK_PAIRS", "FCDTerms", "fcd_terms", "fcd_pair_terms", "fcd_loss", "token_loss", "sequence_loss", "sampled_positions"]
 
 FCD_STACK_PAIRS = {"auto": None, "true": True, "false": False}  # --fcd_stack_pairs -> fcd_pair_terms(stack=...)
 
@@ -29,6 +29,21 @@ def _check(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> None:
             "fcd_loss: expected student (B, N, C_s), teacher (B, N, C_t) and mask (B, N) with the same B and N "
             f"(stacked pairs: (G, B, N, C) both); got {tuple(h_s.shape)}, {tuple(h_t.shape)}, {tuple(mask.shape)}"
         )
+
+
+def sampled_positions(n: int, k: int | None, device=None) -> torch.Tensor | None:
+    """``k`` evenly spaced positions of ``0..n-1``, the midpoints of k equal spans (``(2 i + 1) n // (2 k)`` for
+    i < k: distinct), the subset the ``position`` sequence relation reads under ``positions=k``; ``None`` when
+    ``k`` is ``None``/0 or ``k >= n`` (every position). The same on every rank for the same N. Midpoints, not
+    ``i n // k``: that subset always holds position 0, whose features a causal LM makes alike in every sample
+    (the first token's "attention sink"), and at small k it would weigh the relation's rows towards them.
+
+    Raises: ValueError: ``k < 0``."""
+    if k is not None and k < 0:
+        raise ValueError(f"sequence_loss: positions must be >= 0 (0 = every position), got {k}")
+    if not k or k >= n:
+        return None
+    return (2 * torch.arange(k, device=device) + 1) * n // (2 * k)  # (k,)
 
 
 def _gather_samples(x: torch.Tensor, dim: int, grad: bool) -> torch.Tensor:
@@ -95,6 +110,7 @@ def sequence_loss(
     kind: str = "position",
     chunk_size: int | None = None,
     global_batch: bool = False,
+    positions: int | None = None,
 ) -> torch.Tensor:
     """L_seq = 1 - mean over samples of rho(row b of student, row b of teacher) (FCD_SPEC step 5).
 
@@ -111,6 +127,11 @@ def sequence_loss(
             moves each rank's features once (all_to_all) and all-reduces per-position Gram matrices, a
             (world * B)^2 * N float32 tensor per model held at once (``chunk_size`` does not apply);
             ``pooled``: the (B, C) pooled vectors are all-gathered.
+        positions: ``position`` only: read the relation at ``positions`` evenly spaced positions
+            (:func:`sampled_positions`) instead of all N, so each row holds ``positions * (B - 1)``
+            entries; the features moved under ``global_batch`` and the O(N B^2 C) work shrink by
+            ``positions / N``. An approximation of the spec's rows (FCD_SPEC step 3), which this
+            project adds for many-rank runs (benchmarks/fcd_comm.py); ``None``/0: every position.
 
     Returns:
         float32 (*G,) (a scalar for 3-D inputs) in [0, 2]; 0 with zero gradient for a batch of 1 or rows
@@ -128,6 +149,9 @@ def sequence_loss(
         return mean_one_minus_rho(rho, valid.sum(-1) >= 2)
     if kind != "position":
         raise ValueError(f"sequence_loss: kind must be one of {SEQUENCE_RELATIONS}, got {kind!r}")
+    idx = sampled_positions(mask.shape[-1], positions, mask.device)
+    if idx is not None:  # (*G, B, N, C) -> (*G, B, K, C), mask (B, N) -> (B, K)
+        h_s, h_t, mask = h_s.index_select(-2, idx), h_t.index_select(-2, idx), mask.index_select(-1, idx)
     if global_batch and world_size() > 1:  # (world * B)^2 * N Gram entries per model instead of (world * B) * N * C features
         mask = all_gather_no_grad(mask.to(torch.uint8))  # (world * B, N)
         g_s = global_sample_gram(h_s)  # (*G, N, world * B, world * B)
@@ -149,6 +173,7 @@ def fcd_terms(
     sequence_relation: str = "position",
     global_batch: bool = False,
     chunk_size: int | None = None,
+    sequence_positions: int | None = None,
 ) -> FCDTerms:
     """Both unweighted FCD terms of one layer pair; a term whose weight is 0 is not computed (returns 0).
 
@@ -164,7 +189,7 @@ def fcd_terms(
     )
     seq = (
         sequence_loss(student_hidden, teacher_hidden, attention_mask, kind=sequence_relation, chunk_size=chunk_size,
-                      global_batch=global_batch)
+                      global_batch=global_batch, positions=sequence_positions)
         if beta
         else zero
     )
@@ -181,6 +206,7 @@ def fcd_loss(
     sequence_relation: str = "position",
     global_batch: bool = False,
     chunk_size: int | None = None,
+    sequence_positions: int | None = None,
 ) -> torch.Tensor:
     """FCD loss of one layer pair: ``alpha * L_tok + beta * L_seq`` (FCD_SPEC step 6).
 
@@ -201,6 +227,8 @@ def fcd_loss(
         chunk_size: rows of the token relation, and positions of the ``position`` sequence relation, per
             block (memory bound for long sequences: O(B * chunk_size * N) and O(chunk_size * B^2));
             ``None``: one block each.
+        sequence_positions: ``position`` relation read at this many evenly spaced positions
+            (:func:`sequence_loss`'s ``positions``); ``None``/0: every position (the spec's relation).
 
     Returns:
         float32 scalar, in [0, 2 * (alpha + beta)]; 0 when student and teacher relations are equal
@@ -218,6 +246,7 @@ def fcd_loss(
         sequence_relation=sequence_relation,
         global_batch=global_batch,
         chunk_size=chunk_size,
+        sequence_positions=sequence_positions,
     )
     return alpha * terms.token + beta * terms.sequence
 
@@ -233,6 +262,7 @@ def fcd_pair_terms(
     global_batch: bool = False,
     chunk_size: int | None = None,
     stack: bool | None = None,
+    sequence_positions: int | None = None,
 ) -> list[FCDTerms]:
     """The FCD terms of several layer pairs, computed with the pairs stacked: one set of kernels per group.
 
@@ -245,14 +275,17 @@ def fcd_pair_terms(
     sequence relation's batched matmuls); the gradient reaches each student feature through the stack.
     On a CPU, which is not launch-bound, the larger stacked tensors fall out of cache: the same ten
     pairs (8 x 128 tokens, width 576) took 0.50 s stacked against 0.28-0.35 s one by one (forward and
-    backward), so ``stack=None`` stacks on accelerators only.
+    backward), so ``stack=None`` stacks on accelerators, and on CPUs only when the global batch spans
+    several ranks: each group then costs one set of collectives instead of one per pair (6-7 per group),
+    and at 4 CPU ranks x 4 pairs that took the step with the global batch on from 1.089x to 1.026x the step
+    with it off (benchmarks/fcd_comm.py, RESULTS.md): the collectives' count, not their bytes, set the cost.
 
     Args:
         student_hiddens: P tensors (B, N, C_s), the student block outputs of the pairs, in pair order (a
             block may appear more than once). teacher_hiddens: P tensors (B, N, C_t), never receive gradient.
         attention_mask: (B, N). Other arguments as :func:`fcd_loss`.
         stack: stack the pairs (True), compute them one by one (False), or stack when the features are
-            not on a CPU (None).
+            not on a CPU or ``global_batch`` spans several ranks (None).
 
     Returns:
         P :class:`FCDTerms` of float32 scalars, in pair order.
@@ -268,9 +301,10 @@ def fcd_pair_terms(
             raise ValueError(f"fcd_pair_terms: every {name} feature must have one shape; got {[tuple(h.shape) for h in hs]}")
     n, pairs = attention_mask.shape[-1], len(student_hiddens)
     if stack is None:
-        stack = student_hiddens[0].device.type != "cpu"
+        stack = student_hiddens[0].device.type != "cpu" or (global_batch and world_size() > 1)
     per_group = 1 if not stack else pairs if chunk_size is None else max(1, chunk_size // max(n, 1))
-    options = dict(alpha=alpha, beta=beta, sequence_relation=sequence_relation, global_batch=global_batch, chunk_size=chunk_size)
+    options = dict(alpha=alpha, beta=beta, sequence_relation=sequence_relation, global_batch=global_batch, chunk_size=chunk_size,
+                   sequence_positions=sequence_positions)
     out: list[FCDTerms] = []
     for start in range(0, pairs, per_group):
         group_s, group_t = student_hiddens[start : start + per_group], teacher_hiddens[start : start + per_group]
