@@ -7,14 +7,18 @@ several seeds, paired against CE + KD at equal steps and at equal training time.
 
 Arms (``--loss`` of the launcher; everything else equal: teacher, student initialisation, data order, steps,
 learning rate, seed): ce (no teacher), ce+fcd (the launchers' default before issue 22), kd (logit KD alone),
-ce+kd, ce+kd+fcd, ce+kd+minilm, ce+kd+hidden_mse, ce+dist+fcd.
+ce+kd, ce+kd+fcd, ce+kd+minilm, ce+kd+hidden_mse, ce+dist+fcd; and with ``--variants``, CE + KD + FCD with
+FCD's layers ``last`` and ``pruned``, ``--loss_balancer 0.5``, ``--fcd_weight_schedule linear``, and the
+``--grad_norm_steps 20`` run behind the gradient-norm table (each term's gradient norm at the student's
+blocks relative to KD's over training; the same training as plain CE + KD + FCD).
 
 Tasks. ``rotten_tomatoes``: ``launchers/distill_bert.py``'s default job (all-MiniLM-L6-v2 fine-tuned by
 ``make teacher-bert``, its 3-block pruned student, 2 ranks x 16 snippets, batches padded to their longest
 row) for --epochs of the training split (11,473 snippets: 359 steps per epoch), held-out accuracy on the
-1,335 snippets of the validation split (51 movies the training split does not hold). ``austen``: ``launchers/distill_gpt.py``'s default models (SmolLM2-135M
-teacher, its depth-pruned 10-block student) on four Austen novels of ``../shared/data/austen_5novels.txt``
-(a document per paragraph, 2 ranks x 4 x 128 tokens), held-out perplexity on Northanger Abbey.
+1,335 snippets of the validation split (51 movies the training split does not hold); every arm.
+``austen``: ``launchers/distill_gpt.py``'s default models (SmolLM2-135M teacher, its depth-pruned 10-block
+student) on four Austen novels of ``../shared/data/austen_5novels.txt`` (a document per paragraph, 2 ranks x
+4 x 128 tokens), held-out perplexity on Northanger Abbey; :data:`DECODER_ARMS` unless --arms says otherwise.
 The learning rate is constant after warm-up (DeepSpeed's ``WarmupLR``), and every run is evaluated --evals
 times, so each evaluation is what a run stopped there would give. Equal time: every arm is read at its
 last evaluation within the fastest arm's mean training seconds. Paired t-tests over the seeds both arms
@@ -47,11 +51,19 @@ from launch import REPO, launch  # noqa: E402
 from quality import austen_files, constant_lr_json, fmt, paired  # noqa: E402
 from results import command_line, machine, matmul_rate, publish, utc_stamp  # noqa: E402
 
-__all__ = ["ARMS", "TASKS", "main"]
+__all__ = ["ARMS", "VARIANTS", "TASKS", "main"]
 
 ARMS = {"ce": "ce", "ce+fcd": "ce+fcd", "kd": "kd", "ce+kd": "ce+kd", "ce+kd+fcd": "ce+kd+fcd", "ce+kd+minilm": "ce+kd+minilm",
         "ce+kd+hidden_mse": "ce+kd+hidden_mse", "ce+dist+fcd": "ce+dist+fcd"}
+VARIANTS = {  # issue 22 item 4, each on --variant_seeds: what makes a feature loss add to KD
+    "ce+kd+fcd, gradient norms": ["--loss", "ce+kd+fcd", "--grad_norm_steps", 20],  # the same training as ce+kd+fcd, measured
+    "ce+kd+fcd, map last": ["--loss", "ce+kd+fcd", "--layer_map", "last"],
+    "ce+kd+fcd, map pruned": ["--loss", "ce+kd+fcd", "--layer_map", "pruned"],
+    "ce+kd+fcd, balancer 0.5": ["--loss", "ce+kd+fcd", "--loss_balancer", 0.5],
+    "ce+kd+fcd, fcd linear decay": ["--loss", "ce+kd+fcd", "--fcd_weight_schedule", "linear"],
+}
 BASELINE = "ce+kd"
+DECODER_ARMS = ["ce", "ce+kd", "ce+kd+fcd", "ce+fcd"]  # fewer arms, more steps: a decoder run costs 3x an encoder run here
 KEPT = REPO / "benchmarks" / "combinations"  # <task>/<arm>_seed<k>.json, reused
 RUNS = Path(os.environ.get("FCD_DS_HOME", Path.home() / ".cache" / "fcd_ds")) / "benchmark_combinations"
 TASKS = {"rotten_tomatoes": ("distill_bert", "accuracy", True), "austen": ("distill_gpt", "perplexity", False)}
@@ -87,11 +99,14 @@ def run_arm(task: str, arm: str, seed: int, common: list, steps: int, args) -> d
         return json.loads(kept.read_text())
     launcher, metric, _ = TASKS[task]
     out = RUNS / task / f"{arm}_seed{seed}"
-    flags = [*common, "--loss", ARMS[arm], "--max_steps", steps, "--eval_steps", max(1, steps // args.evals),
+    flags = [*common, *(["--loss", ARMS[arm]] if arm in ARMS else VARIANTS[arm]), "--max_steps", steps, "--eval_steps", max(1, steps // args.evals),
              "--warmup_steps", max(1, steps // 20), "--seed", seed, "--save_steps", 0]
     metrics, wall = launch(launcher, out, flags, args.num_gpus)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    norms = [{k: v for k, v in r.items() if k == "step" or k.startswith("train/grad_norm/") or k.startswith("train/loss/")}
+             for r in rows if any(k.startswith("train/grad_norm/") for k in r)]
     result = {"task": task, "arm": arm, "seed": seed, "steps": steps, "launcher": launcher, "flags": list(map(str, flags)),
-              "metrics": metrics, "curve": _curve(out, metric), "wall_seconds": wall,
+              "metrics": metrics, "curve": _curve(out, metric), "grad_norms": norms, "wall_seconds": wall,
               "load_average_5min": os.getloadavg()[1]}  # at the end: above the 2 ranks, something else shared the cores
     kept.parent.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps(result, indent=1))
@@ -104,7 +119,7 @@ def _load(task: str) -> dict[str, dict[int, dict]]:
     for f in sorted((KEPT / task).glob("*_seed*.json")):
         r = json.loads(f.read_text())
         out.setdefault(r["arm"], {})[r["seed"]] = r
-    return {arm: out[arm] for arm in ARMS if arm in out}
+    return {arm: out[arm] for arm in [*ARMS, *VARIANTS] if arm in out}
 
 
 def _at_time(curve: list, budget: float) -> list:
@@ -157,6 +172,31 @@ def table(task: str, s: dict) -> list[str]:
     return lines
 
 
+def grad_norm_table(task: str) -> list[str]:
+    """The ``--grad_norm_steps`` runs of ``task``: each term's gradient norm at each student block relative to
+    KD's, over the first, middle and last third of training (mean over the measured steps and seeds)."""
+    runs = _load(task).get("ce+kd+fcd, gradient norms", {})
+    rows = [(r["steps"], row) for r in runs.values() for row in r["grad_norms"]]
+    if not rows:
+        return []
+    keys = sorted({k for _, row in rows for k in row if k.startswith("train/grad_norm/")})
+    blocks = sorted({k.rsplit("/", 1)[1] for k in keys}, key=lambda b: int(b[1:]))
+    terms = sorted({k.split("/")[2] for k in keys} - {"kd"})
+    thirds = ("first third", "middle third", "last third")
+    lines = [f"\n### {task}: gradient norm of each weighted term at the student's blocks, relative to KD's "
+             f"(`--grad_norm_steps 20`, ce+kd+fcd, seeds {sorted(runs)})\n",
+             "| term / KD | block | " + " | ".join(thirds) + " |", "|---|---|" + "---|" * len(thirds)]
+    for term in terms:
+        for b in blocks:
+            cells = []
+            for i in range(3):
+                part = [row[f"train/grad_norm/{term}/{b}"] / row[f"train/grad_norm/kd/{b}"] for steps, row in rows
+                        if i * steps / 3 < row["step"] <= (i + 1) * steps / 3 and row.get(f"train/grad_norm/kd/{b}")]
+                cells.append(f"{np.mean(part):.3g} ({len(part)})" if part else "—")
+            lines.append(f"| {term} | {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(results: dict[str, dict], path: Path) -> None:
     """Bars (mean over seeds, sample-sd error bars) at equal steps and equal time, one panel per task."""
     import matplotlib
@@ -186,24 +226,29 @@ def plot(results: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=list(TASKS), default="rotten_tomatoes")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None,
+                        help=f"default: every arm on rotten_tomatoes; {DECODER_ARMS} on austen (a run there takes about 13 minutes on 2 CPU cores)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=[], help="item-4 variants to run too (on --variant_seeds)")
+    parser.add_argument("--variant_seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=float, default=1.0, help="rotten_tomatoes: passes over the training split per run")
-    parser.add_argument("--austen_steps", type=int, default=600, help="austen: steps per run (2 x 4 x 128 tokens each)")
+    parser.add_argument("--austen_steps", type=int, default=300, help="austen: steps per run (2 x 4 x 128 tokens each)")
     parser.add_argument("--austen_eval_blocks", type=int, default=64, help="austen: held-out 128-token blocks of Northanger Abbey")
     parser.add_argument("--evals", type=int, default=6, help="evaluations per run, the last at the end (equal-time resolution)")
     parser.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU: processes)")
     parser.add_argument("--report", action="store_true", help="write the tables and chart from the kept runs; run nothing")
     parser.add_argument("--no_write", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args()
+    if args.arms is None:
+        args.arms = list(ARMS) if args.task == "rotten_tomatoes" else DECODER_ARMS
 
     from fcd_ds.runtime.metrics import measure_matmul_tflops
 
     if not args.report:
         common, steps = task_flags(args.task, args)
         common = [*common, "--deepspeed_config", constant_lr_json(RUNS)]
-        for seed in args.seeds:
-            for arm in args.arms:
+        for seed in sorted(set(args.seeds) | (set(args.variant_seeds) if args.variants else set())):
+            for arm in [*(args.arms if seed in args.seeds else []), *(args.variants if seed in args.variant_seeds else [])]:
                 run_arm(args.task, arm, seed, common, steps, args)
     peak = measure_matmul_tflops()
     results = {t: s for t in TASKS if (s := summarize(t)) is not None}
@@ -211,7 +256,7 @@ def main() -> None:
              "own rate, measured in its runs, is in its row). Mean ± sample standard deviation over seeds; the kept runs of "
              "benchmarks/combinations/ (each run's command in its file). Chart: `benchmarks/quality.png`."]
     for task, s in results.items():
-        lines += table(task, s)
+        lines += table(task, s) + grad_norm_table(task)
     if results:
         plot(results, REPO / "benchmarks" / "quality.png")
     publish(lines, write=not args.no_write, heading=f"\n## Quality at real budgets: KD, FCD and their combinations ({utc_stamp()})\n\n")

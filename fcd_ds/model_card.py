@@ -146,7 +146,8 @@ def model_card(plan, metrics: dict, world_size: int) -> str:
     terms = [f"{a.ce_weight} x task loss"] if a.ce_weight else []
     if a.uses_fcd:
         terms.append(f"{a.fcd_weight} x FCD (alpha {a.fcd_alpha}, beta {a.fcd_beta}, {a.fcd_sequence_relation} sequence relation"
-                     + (f" at {a.fcd_sequence_positions} positions" if a.fcd_sequence_positions else "") + ")")
+                     + (f" at {a.fcd_sequence_positions} positions" if a.fcd_sequence_positions else "")
+                     + (f", weight {a.fcd_weight_schedule} to 0" if a.fcd_weight_schedule != "constant" else "") + ")")
     if a.uses_kd:
         terms.append(f"{a.kd_weight} x logit KD (T = {a.kd_temperature})")
     if a.hidden_mse_weight:
@@ -155,6 +156,8 @@ def model_card(plan, metrics: dict, world_size: int) -> str:
         terms.append(f"{a.minilm_weight} x MiniLMv2 attention relations ({a.minilm_relation_heads} relation heads, map `{a.minilm_layer_map}`)")
     if a.dist_weight:
         terms.append(f"{a.dist_weight} x DIST (T = {a.dist_temperature})")
+    if a.loss_balancer:
+        terms.append(f"feature terms rescaled each step to {a.loss_balancer} x the logit loss (--loss_balancer)")
     held_out = d.validation_file or f"last {d.validation_split_percentage} %"
     if d.dataset_name:
         data = f"`{d.dataset_name}`" + (f" / {d.dataset_config_name or d.task_name}" if (d.dataset_config_name or d.task_name) else "")
