@@ -7,7 +7,7 @@ classification) the label column are read (seconds); each problem raises one
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from .runtime.checkpoint import auto_resume_action, check_checkpoint_files, check_output_dir, check_resume_layout, read_trainer_state
 from .data import TextCorpus
@@ -56,6 +56,15 @@ class RunPlan:
                 "max_seq_length": self.data_args.max_seq_length, "seed": t.seed, "max_steps": t.max_steps,
                 "gradient_accumulation_steps": accumulation, "lr_schedule": schedule or None,
                 "train_batch_size": ds["train_micro_batch_size_per_gpu"] * accumulation * world_size}
+
+    def argument_defaults(self) -> dict[str, dict]:
+        """``{group: {argument: default}}`` of the four argument dataclasses as :meth:`run_config` names them
+        (fields without a default left out), for :func:`~fcd_ds.runtime.checkpoint.auto_resume_action`."""
+        out = {}
+        for group, args in (("model", self.model_args), ("data", self.data_args), ("distill", self.distill_args), ("train", self.train_args)):
+            out[group] = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(args)
+                          if f.default is not MISSING or f.default_factory is not MISSING}
+        return out
 
     def run_config(self, world_size: int | None = None) -> dict:
         """What ``run_config.json`` records: the launcher, the task, the four argument groups as
@@ -238,7 +247,7 @@ def plan_run(model_args, data_args, distill_args, train_args, launcher) -> RunPl
         train_args=train_args,
     )
     if train_args.auto_resume:
-        action = auto_resume_action(train_args.output_dir, plan.run_config())
+        action = auto_resume_action(train_args.output_dir, plan.run_config(), plan.argument_defaults())
         train_args.resume = action == "resume"
         train_args.overwrite_output_dir = action == "restart"
     if train_args.resume:  # before any process starts: a checkpoint of another layout is refused here

@@ -160,6 +160,15 @@ def test_auto_resume_refuses_another_run_and_restarts_an_attempt_without_checkpo
     assert again.train_args.resume and not again.train_args.overwrite_output_dir
     code, err = run_main(base_args + ["--auto_resume", "--resume"], capsys)
     assert code == 2 and err == ["error: --resume and --auto_resume contradict each other; pass one"]
+    # A run_config.json of an older fcd_ds, without an argument added since: the same run when that argument is
+    # at its default (a job requeued after an upgrade resumes), another run when it is not.
+    older = json.loads((out / "run_config.json").read_text())
+    del older["distill"]["fcd_sequence_positions"], older["train"]["grad_norm_steps"]
+    (out / "run_config.json").write_text(json.dumps(older))
+    upgraded = plan_run(*parse_args([str(a) for a in base_args + ["--auto_resume"]]), distill_gpt.LAUNCHER)
+    assert upgraded.train_args.resume
+    code, err = run_main(base_args + ["--auto_resume", "--fcd_sequence_positions", "8"], capsys)
+    assert code == 2 and len(err) == 1 and "(it differs in distill.fcd_sequence_positions)" in err[0], err
 
 
 # --- bad input that used to be found late (issue 19): each is one line at plan time now ---------------

@@ -376,19 +376,29 @@ def comparable_run_config(run_config: dict) -> dict:
     return json.loads(json.dumps(keep))
 
 
-def _differences(saved: dict, now: dict) -> list[str]:
+_ABSENT = object()
+
+
+def _differences(saved: dict, now: dict, defaults: dict | None = None) -> list[str]:
+    """``group.key`` of each argument that differs; a key the saved run does not record (it was written by
+    an fcd_ds without that argument) counts as its default there, from ``defaults[group][key]``."""
     out = []
     for group in now:
         a, b = saved.get(group), now[group]
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{group}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            known = (defaults or {}).get(group, {})
+            out += [f"{group}.{k}" for k in sorted(set(a) | set(b)) if a.get(k, known.get(k, _ABSENT)) != b.get(k)]
         elif a != b:
             out.append(group)
     return out
 
 
-def auto_resume_action(output_dir: str | Path, run_config: dict) -> str:
+def auto_resume_action(output_dir: str | Path, run_config: dict, defaults: dict | None = None) -> str:
     """What ``--auto_resume`` does in ``output_dir`` for a run described by ``run_config``.
+
+    ``defaults``: ``{group: {argument: default}}`` of the argument dataclasses (``RunPlan.argument_defaults``),
+    so that a run saved by an older fcd_ds, whose run_config.json lacks an argument added since, still
+    matches when that argument is left at its default (a job requeued after an upgrade resumes).
 
     Returns:
         ``"resume"``: it holds a checkpoint of this run; ``"start"``: it holds no run;
@@ -407,7 +417,7 @@ def auto_resume_action(output_dir: str | Path, run_config: dict) -> str:
         raise UsageError(f"--auto_resume: {out} holds run files but no run_config.json, so it cannot tell whether they are this run's; "
                          "pass --resume, --overwrite_output_dir, or another --output_dir")
     saved = comparable_run_config(json.loads(config_file.read_text()))
-    diff = _differences(saved, comparable_run_config(run_config))
+    diff = _differences(saved, comparable_run_config(run_config), json.loads(json.dumps(defaults or {}, default=str)))
     if diff:
         raise UsageError(f"--auto_resume: {out} holds another run (it differs in {', '.join(diff)}); "
                          "pass the same arguments, or another --output_dir")
