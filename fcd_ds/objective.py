@@ -169,8 +169,8 @@ class DistillObjective:
         as it enters the total (``--loss_balancer``'s factor included): ``grad_norm/<term>/s<block>``, 0-dim
         float32; under the fused head CE and KD are one tensor, ``grad_norm/ce+kd/s<block>``. Norms over this
         rank's micro-batch, (B, N, C) each. One ``torch.autograd.grad`` per term, the graph kept for the
-        training backward. A term whose gradient does not reach a block (a block after the last one a
-        feature loss reads, for the head's losses never) gives 0.
+        training backward; a term whose gradient does not reach a block gives 0 there. ``student`` must have
+        run as the model itself, not through its DeepSpeed engine (see :meth:`losses`).
         """
         blocks = sorted({p.student for p in self.pairs if p.student in feats})
         inputs = [feats[i] for i in blocks]
