@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "distill_gpt.py"
+
+
+def pytest_configure(config):
+    """A suite started as a shell's background job (``make test &``, ``nohup``) inherits SIGINT ignored,
+    and Python, fcd_ds's StopFlag and every process the tests launch keep it so (POSIX: an ignored signal
+    stays ignored across exec). The tests that send SIGINT to themselves or to a ``deepspeed`` runner need
+    the interactive default, which is put back here; children then start with SIGINT at its default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _bbc() -> tuple[str, str]:
